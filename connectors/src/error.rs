@@ -1,0 +1,40 @@
+//! Errors of the connectors crate. Messages name the location and say what to fix; they never
+//! contain credentials.
+
+use datafusion::error::DataFusionError;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Failures opening or reading a source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The location is not a URL or absolute path we can read.
+    #[error("location `{location}` is not usable: {reason}")]
+    InvalidLocation { location: String, reason: String },
+    /// No file matched the location.
+    #[error("location `{location}` has no {format} files; check the path and the format")]
+    NoFiles { location: String, format: &'static str },
+    /// The schema could not be read.
+    #[error("cannot read the schema of `{location}`: {source}")]
+    ReadSchema {
+        location: String,
+        #[source]
+        source: Box<DataFusionError>,
+    },
+    /// The format is unknown.
+    #[error("unknown format `{format}`; use parquet, csv, ndjson or arrow")]
+    UnknownFormat { format: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_send_sync_and_small() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Error>();
+        assert!(std::mem::size_of::<Error>() <= 64);
+    }
+}

@@ -1,0 +1,245 @@
+//! The gateway's error type and its single mapping to gRPC and HTTP statuses.
+//!
+//! Internal errors are logged in full and masked to the caller. For a dataset the caller may not
+//! see, the error is the same `NotFound` a missing dataset gets, so existence does not leak.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use datafusion::error::DataFusionError;
+
+/// Result alias for the gateway.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The classes of failure a caller can act on; each maps to one gRPC code and one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    /// The request is malformed; fix it.
+    InvalidArgument,
+    /// No or bad credentials.
+    Unauthenticated,
+    /// Authenticated, but not allowed.
+    PermissionDenied,
+    /// No such thing (or not visible to the caller).
+    NotFound,
+    /// It exists already.
+    AlreadyExists,
+    /// A dependency (storage, source) is unavailable; retry later.
+    Unavailable,
+    /// A limit was hit.
+    ResourceExhausted,
+    /// Our fault; details are in the server log.
+    Internal,
+}
+
+impl StatusClass {
+    /// The gRPC code.
+    pub fn to_tonic_code(self) -> tonic::Code {
+        match self {
+            StatusClass::InvalidArgument => tonic::Code::InvalidArgument,
+            StatusClass::Unauthenticated => tonic::Code::Unauthenticated,
+            StatusClass::PermissionDenied => tonic::Code::PermissionDenied,
+            StatusClass::NotFound => tonic::Code::NotFound,
+            StatusClass::AlreadyExists => tonic::Code::AlreadyExists,
+            StatusClass::Unavailable => tonic::Code::Unavailable,
+            StatusClass::ResourceExhausted => tonic::Code::ResourceExhausted,
+            StatusClass::Internal => tonic::Code::Internal,
+        }
+    }
+    /// The HTTP status.
+    pub fn to_http_status(self) -> StatusCode {
+        match self {
+            StatusClass::InvalidArgument => StatusCode::BAD_REQUEST,
+            StatusClass::Unauthenticated => StatusCode::UNAUTHORIZED,
+            StatusClass::PermissionDenied => StatusCode::FORBIDDEN,
+            StatusClass::NotFound => StatusCode::NOT_FOUND,
+            StatusClass::AlreadyExists => StatusCode::CONFLICT,
+            StatusClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            StatusClass::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            StatusClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Gateway errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Missing or wrong credentials.
+    #[error("{reason}")]
+    Unauthenticated { reason: &'static str },
+    /// The dataset does not exist or the caller may not see it (same message for both).
+    #[error("dataset `{name}` not found")]
+    DatasetNotFound { name: String },
+    /// The caller may see the thing but not do this.
+    #[error("{reason}")]
+    PermissionDenied { reason: String },
+    /// The request is malformed.
+    #[error("{message}")]
+    InvalidArgument { message: String, hint: &'static str },
+    /// Something already exists.
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    /// A policy-layer error.
+    #[error(transparent)]
+    Policy(#[from] passerelle_policies::Error),
+    /// A source could not be opened.
+    #[error(transparent)]
+    Connector(#[from] passerelle_connectors::Error),
+    /// Planning or execution failed.
+    #[error(transparent)]
+    DataFusion(Box<DataFusionError>),
+    /// The metadata store failed.
+    #[error("metadata store: {op} failed: {source}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: Box<sqlx::Error>,
+    },
+    /// A local file could not be read or written.
+    #[error("{op} `{path}`: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else that is our fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Shorthand for an invalid-argument error with a hint.
+    pub fn invalid(message: impl Into<String>, hint: &'static str) -> Self {
+        Error::InvalidArgument { message: message.into(), hint }
+    }
+
+    /// Wraps a sqlx error with the operation that failed.
+    pub fn store(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Error::Store { op, source: Box::new(source) }
+    }
+
+    /// The status class, decided once here.
+    pub fn status(&self) -> StatusClass {
+        match self {
+            Error::Unauthenticated { .. } => StatusClass::Unauthenticated,
+            Error::DatasetNotFound { .. } => StatusClass::NotFound,
+            Error::PermissionDenied { .. } => StatusClass::PermissionDenied,
+            Error::InvalidArgument { .. } => StatusClass::InvalidArgument,
+            Error::AlreadyExists { .. } => StatusClass::AlreadyExists,
+            Error::Policy(p) => policy_status(p),
+            Error::Connector(_) => StatusClass::InvalidArgument,
+            Error::DataFusion(e) => classify_datafusion(e),
+            Error::Store { .. } | Error::Io { .. } | Error::Internal(_) => StatusClass::Internal,
+        }
+    }
+
+    /// A hint for the caller, where one helps.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Error::Unauthenticated { .. } => "send `authorization: Bearer <key>` or perform a basic-auth handshake",
+            Error::DatasetNotFound { .. } => "list the datasets you may use with ListFlights or GET /api/v1/datasets",
+            Error::InvalidArgument { hint, .. } => hint,
+            Error::PermissionDenied { .. } => "ask the dataset's steward for a permit covering this purpose",
+            _ => "",
+        }
+    }
+
+    /// The message shown to the caller: internal details are masked and logged.
+    pub fn public_message(&self) -> String {
+        if self.status() == StatusClass::Internal {
+            let id = rand::random::<u64>();
+            tracing::error!(error = %self, error_id = format!("{id:016x}"), "internal error");
+            format!("internal error (id {id:016x}); the operator can find the details in the server log")
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+fn policy_status(p: &passerelle_policies::Error) -> StatusClass {
+    use passerelle_policies::Error as P;
+    match p {
+        P::InvalidPurpose { .. }
+        | P::InvalidName { .. }
+        | P::InvalidGeneralisation { .. }
+        | P::InvalidManifest { .. }
+        | P::InvalidConsentEvent { .. }
+        | P::InvalidPolicyLine { .. }
+        | P::Unsupported { .. } => StatusClass::InvalidArgument,
+        P::AccessDenied { .. } => StatusClass::PermissionDenied,
+        P::Store { .. } | P::Casbin { .. } | P::Arrow(_) => StatusClass::Internal,
+    }
+}
+
+/// User-expression and planning errors are the caller's to fix; everything else is ours.
+fn classify_datafusion(e: &DataFusionError) -> StatusClass {
+    match e.find_root() {
+        DataFusionError::External(inner) => {
+            if let Some(p) = inner.downcast_ref::<passerelle_policies::Error>() {
+                return policy_status(p);
+            }
+            StatusClass::Internal
+        }
+        DataFusionError::Plan(_)
+        | DataFusionError::SQL(_, _)
+        | DataFusionError::SchemaError(_, _)
+        | DataFusionError::NotImplemented(_) => StatusClass::InvalidArgument,
+        DataFusionError::ArrowError(a, _) => match a.as_ref() {
+            arrow::error::ArrowError::DivideByZero
+            | arrow::error::ArrowError::CastError(_)
+            | arrow::error::ArrowError::ParseError(_)
+            | arrow::error::ArrowError::ComputeError(_)
+            | arrow::error::ArrowError::ArithmeticOverflow(_)
+            | arrow::error::ArrowError::InvalidArgumentError(_) => StatusClass::InvalidArgument,
+            _ => StatusClass::Internal,
+        },
+        DataFusionError::ResourcesExhausted(_) => StatusClass::ResourceExhausted,
+        _ => StatusClass::Internal,
+    }
+}
+
+impl From<DataFusionError> for Error {
+    fn from(e: DataFusionError) -> Self {
+        Error::DataFusion(Box::new(e))
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.status().to_tonic_code(), e.public_message())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status().to_http_status();
+        let body = serde_json::json!({ "error": self.public_message(), "hint": self.hint() });
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_send_sync_and_small() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Error>();
+        assert!(std::mem::size_of::<Error>() <= 72, "{}", std::mem::size_of::<Error>());
+    }
+
+    #[test]
+    fn classes_map_once() {
+        let e = Error::DatasetNotFound { name: "x".into() };
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
+        let e: Error = DataFusionError::External(Box::new(passerelle_policies::Error::AccessDenied { reason: "r".into() })).into();
+        assert_eq!(e.status(), StatusClass::PermissionDenied);
+        let e: Error = DataFusionError::ArrowError(Box::new(arrow::error::ArrowError::DivideByZero), None).into();
+        assert_eq!(e.status(), StatusClass::InvalidArgument);
+        let e = Error::Internal("secret detail".into());
+        let s = tonic::Status::from(e);
+        assert_eq!(s.code(), tonic::Code::Internal);
+        assert!(!s.message().contains("secret"));
+    }
+}

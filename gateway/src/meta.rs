@@ -1,0 +1,202 @@
+//! Metadata in SQLite: principals, datasets, permits and the version counter a running server
+//! watches (so CLI changes on the same data directory reach it without a restart).
+//!
+//! The database runs in WAL mode with `synchronous = FULL`: a write the CLI or REST acknowledges
+//! is on disk.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use passerelle_policies::{DatasetId, Permit, Principal, Purpose, Role};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta_version (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta_version (id, version) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS principals (
+    name         TEXT PRIMARY KEY,
+    org          TEXT NOT NULL,
+    member_state TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    key_hash     TEXT NOT NULL UNIQUE,
+    created_at   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    name          TEXT PRIMARY KEY,
+    manifest      TEXT NOT NULL,
+    registered_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS permits (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset    TEXT NOT NULL REFERENCES datasets(name),
+    org        TEXT NOT NULL,
+    purpose    TEXT NOT NULL,
+    expires_at TEXT,
+    created_at TEXT NOT NULL,
+    UNIQUE (dataset, org, purpose)
+);
+";
+
+/// Opens (creating if needed) the node's SQLite database in `data_dir`.
+pub async fn open_pool(data_dir: &Path) -> Result<SqlitePool> {
+    std::fs::create_dir_all(data_dir).map_err(|source| Error::Io { op: "create data directory", path: data_dir.display().to_string(), source })?;
+    let path = data_dir.join("passerelle.db");
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(Error::store("parse sqlite options"))?
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new().max_connections(8).connect_with(options).await.map_err(Error::store("open the metadata database"))
+}
+
+/// A principal row, including the hash of its key.
+#[derive(Debug, Clone)]
+pub struct PrincipalRecord {
+    /// The principal.
+    pub principal: Principal,
+    /// SHA-256 of its API key, hex.
+    pub key_hash: String,
+}
+
+/// Access to the metadata tables.
+#[derive(Debug, Clone)]
+pub struct MetaStore {
+    pool: SqlitePool,
+}
+
+fn now_text() -> String {
+    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl MetaStore {
+    /// Creates the tables if needed.
+    pub async fn open(pool: SqlitePool) -> Result<Self> {
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(Error::store("create metadata tables"))?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, shared with the consent store and the audit log.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The version counter, bumped by every metadata write.
+    pub async fn version(&self) -> Result<u64> {
+        let v: i64 = sqlx::query_scalar("SELECT version FROM meta_version WHERE id = 1").fetch_one(&self.pool).await.map_err(Error::store("read metadata version"))?;
+        Ok(v.max(0) as u64)
+    }
+
+    async fn bump(tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        sqlx::query("UPDATE meta_version SET version = version + 1 WHERE id = 1").execute(tx).await.map_err(Error::store("bump metadata version"))?;
+        Ok(())
+    }
+
+    /// Adds a principal; its name must be new.
+    pub async fn add_principal(&self, p: &Principal, key_hash: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        let res = sqlx::query("INSERT INTO principals (name, org, member_state, role, key_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&p.name)
+            .bind(&p.org)
+            .bind(&p.member_state)
+            .bind(p.role.as_str())
+            .bind(key_hash)
+            .bind(now_text())
+            .execute(&mut *tx)
+            .await;
+        match res {
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(Error::AlreadyExists { what: format!("principal `{}`", p.name) }),
+            other => other.map_err(Error::store("insert principal"))?,
+        };
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit principal"))
+    }
+
+    /// All principals.
+    pub async fn principals(&self) -> Result<Vec<PrincipalRecord>> {
+        let rows = sqlx::query("SELECT name, org, member_state, role, key_hash FROM principals ORDER BY name").fetch_all(&self.pool).await.map_err(Error::store("list principals"))?;
+        rows.into_iter()
+            .map(|r| {
+                let role: String = r.get(3);
+                Ok(PrincipalRecord {
+                    principal: Principal { name: r.get(0), org: r.get(1), member_state: r.get(2), role: Role::parse(&role)? },
+                    key_hash: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Stores a validated manifest; the name must be new.
+    pub async fn insert_dataset(&self, m: &Manifest) -> Result<()> {
+        let json = serde_json::to_string(m).map_err(|e| Error::Internal(format!("serialise manifest: {e}")))?;
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        let res = sqlx::query("INSERT INTO datasets (name, manifest, registered_at) VALUES (?, ?, ?)").bind(m.name.as_str()).bind(json).bind(now_text()).execute(&mut *tx).await;
+        match res {
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(Error::AlreadyExists { what: format!("dataset `{}`", m.name) }),
+            other => other.map_err(Error::store("insert dataset"))?,
+        };
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit dataset"))
+    }
+
+    /// All registered manifests.
+    pub async fn datasets(&self) -> Result<Vec<Manifest>> {
+        let rows: Vec<String> = sqlx::query_scalar("SELECT manifest FROM datasets ORDER BY name").fetch_all(&self.pool).await.map_err(Error::store("list datasets"))?;
+        rows.iter().map(|j| serde_json::from_str(j).map_err(|e| Error::Internal(format!("stored manifest does not parse: {e}")))).collect()
+    }
+
+    /// Adds (or renews, with a new expiry) a permit for an existing dataset.
+    pub async fn upsert_permit(&self, p: &Permit) -> Result<()> {
+        let expires = p.expires.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        let res = sqlx::query(
+            "INSERT INTO permits (dataset, org, purpose, expires_at, created_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (dataset, org, purpose) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(p.dataset.as_str())
+        .bind(&p.org)
+        .bind(p.purpose.as_str())
+        .bind(expires)
+        .bind(now_text())
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => return Err(Error::DatasetNotFound { name: p.dataset.to_string() }),
+            other => other.map_err(Error::store("insert permit"))?,
+        };
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit permit"))
+    }
+
+    /// All permits.
+    pub async fn permits(&self) -> Result<Vec<Permit>> {
+        let rows = sqlx::query("SELECT dataset, org, purpose, expires_at FROM permits ORDER BY id").fetch_all(&self.pool).await.map_err(Error::store("list permits"))?;
+        rows.into_iter()
+            .map(|r| {
+                let dataset: String = r.get(0);
+                let purpose: String = r.get(2);
+                let expires: Option<String> = r.get(3);
+                Ok(Permit {
+                    dataset: DatasetId::parse(&dataset)?,
+                    org: r.get(1),
+                    purpose: Purpose::parse(&purpose)?,
+                    expires: expires
+                        .map(|e| DateTime::parse_from_rfc3339(&e).map(|t| t.with_timezone(&Utc)))
+                        .transpose()
+                        .map_err(|e| Error::Internal(format!("stored permit expiry does not parse: {e}")))?,
+                })
+            })
+            .collect()
+    }
+}

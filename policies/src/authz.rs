@@ -1,0 +1,319 @@
+//! Authorisation: a casbin enforcer over the model in `policies/model/passerelle.conf`, the default
+//! lines in `policies/policy/default.csv` and lines generated from the metadata store (permits and
+//! role assignments). There is one copy of truth: the store; the enforcer is rebuilt from it.
+
+use std::fmt::Write as _;
+
+use casbin::function_map::OperatorFunction;
+use casbin::prelude::*;
+use casbin::rhai::Dynamic;
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::classification::{DatasetId, DatasetPolicy};
+use crate::error::{Error, Result};
+use crate::purpose::{self, Purpose};
+
+/// The access model, compiled into the binary so that a deployment cannot run without one.
+pub const DEFAULT_MODEL: &str = include_str!("../model/passerelle.conf");
+/// The default policy lines.
+pub const DEFAULT_POLICY: &str = include_str!("../policy/default.csv");
+
+const NO_EXPIRY: &str = "9999-12-31T23:59:59Z";
+
+/// Roles a principal can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Pulls governed data for a purpose.
+    Trainer,
+    /// Registers its organisation's datasets, permits and consent.
+    Steward,
+    /// Reads the audit log.
+    Auditor,
+    /// Operates the node.
+    Admin,
+}
+
+impl Role {
+    /// Parses `trainer|steward|auditor|admin`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "trainer" => Ok(Self::Trainer),
+            "steward" => Ok(Self::Steward),
+            "auditor" => Ok(Self::Auditor),
+            "admin" => Ok(Self::Admin),
+            _ => Err(Error::InvalidName { what: "role", name: s.to_string(), rule: "use trainer, steward, auditor or admin" }),
+        }
+    }
+    /// The CLI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trainer => "trainer",
+            Self::Steward => "steward",
+            Self::Auditor => "auditor",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// Who is asking: enough to decide, nothing about how they authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Principal name, unique on the node.
+    pub name: String,
+    /// Organisation (the casbin domain).
+    pub org: String,
+    /// Member state of the organisation.
+    pub member_state: String,
+    /// Role on this node.
+    pub role: Role,
+}
+
+/// A data permit: organisation `org` may use `dataset` for `purpose` and its sub-purposes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permit {
+    /// Dataset the permit is for.
+    pub dataset: DatasetId,
+    /// Organisation holding the permit.
+    pub org: String,
+    /// Purpose (covers descendants).
+    pub purpose: Purpose,
+    /// Expiry, if any.
+    pub expires: Option<DateTime<Utc>>,
+}
+
+/// The outcome of an access decision, with the reason shown to the caller and the audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether access is allowed.
+    pub allow: bool,
+    /// The policy line that decided, when one did.
+    pub rule: Option<String>,
+    /// Why, in words a steward can act on.
+    pub reason: String,
+}
+
+/// A built enforcer plus what it was built from.
+pub struct Authorizer {
+    enforcer: Enforcer,
+    permits: Vec<Permit>,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer").field("permits", &self.permits.len()).finish()
+    }
+}
+
+fn purpose_covers(a: Dynamic, b: Dynamic) -> Dynamic {
+    let a = casbin::function_map::dynamic_to_str(&a);
+    let b = casbin::function_map::dynamic_to_str(&b);
+    purpose::covers(&a, &b).into()
+}
+
+/// Formats a time the way policy lines compare it (fixed-width RFC 3339 UTC, so text order is
+/// time order).
+pub fn policy_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Checks a policy file: each non-comment line must be `p, sub, dom, obj, act, exp, allow|deny`
+/// or `g, principal, role, org`. Errors name the line.
+pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let bad = |reason: String| Error::InvalidPolicyLine { file: file.to_string(), line: i + 1, reason };
+        match fields.first().copied() {
+            Some("p") => {
+                if fields.len() != 7 {
+                    return Err(bad(format!("a `p` line has 7 fields (p, sub, dom, obj, act, exp, eft), found {}", fields.len())));
+                }
+                if fields[4] != "*" {
+                    Purpose::parse(fields[4]).map_err(|e| bad(e.to_string()))?;
+                }
+                if DateTime::parse_from_rfc3339(fields[5]).is_err() {
+                    return Err(bad(format!("expiry `{}` is not RFC 3339", fields[5])));
+                }
+                if !matches!(fields[6], "allow" | "deny") {
+                    return Err(bad(format!("effect `{}` must be allow or deny", fields[6])));
+                }
+            }
+            Some("g") => {
+                if fields.len() != 4 {
+                    return Err(bad(format!("a `g` line has 4 fields (g, principal, role, org), found {}", fields.len())));
+                }
+            }
+            other => return Err(bad(format!("unknown line type `{}`; use p or g", other.unwrap_or("")))),
+        }
+    }
+    Ok(())
+}
+
+impl Authorizer {
+    /// Builds an enforcer from the model, the default lines and the store's permits and roles.
+    pub async fn build(model: &str, base_policy: &str, permits: Vec<Permit>, principals: &[Principal]) -> Result<Self> {
+        check_policy_text("default policy", base_policy)?;
+        let mut text = String::new();
+        for line in base_policy.lines() {
+            let line = line.trim();
+            if !line.is_empty() && !line.starts_with('#') {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        for p in &permits {
+            let exp = p.expires.map_or_else(|| NO_EXPIRY.to_string(), policy_time);
+            let _ = writeln!(text, "p, trainer, {}, {}, {}, {}, allow", csv_safe(&p.org)?, p.dataset, p.purpose, exp);
+        }
+        for pr in principals {
+            let _ = writeln!(text, "g, {}, {}, {}", csv_safe(&pr.name)?, pr.role.as_str(), csv_safe(&pr.org)?);
+        }
+        let model = DefaultModel::from_str(model).await.map_err(|e| Error::Casbin { op: "parse model", source: Box::new(e) })?;
+        let mut enforcer = Enforcer::new(model, StringAdapter::new(text))
+            .await
+            .map_err(|e| Error::Casbin { op: "load policy", source: Box::new(e) })?;
+        enforcer.add_function("purposeCovers", OperatorFunction::Arg2(purpose_covers));
+        Ok(Self { enforcer, permits })
+    }
+
+    /// Whether the principal may know the dataset exists: its organisation controls it or holds an
+    /// unexpired permit for it. Invisible datasets are reported exactly like missing ones.
+    pub fn visible(&self, principal: &Principal, dataset: &DatasetPolicy, now: DateTime<Utc>) -> bool {
+        principal.org == dataset.controller
+            || self.permits.iter().any(|p| p.dataset == dataset.name && p.org == principal.org && p.expires.is_none_or(|e| e > now))
+    }
+
+    /// Decides whether `principal` may pull `dataset` for `purpose` at `now`.
+    pub fn decide(&self, principal: &Principal, dataset: &DatasetPolicy, purpose: &Purpose, now: DateTime<Utc>) -> Result<Decision> {
+        if principal.role != Role::Trainer {
+            return Ok(Decision {
+                allow: false,
+                rule: None,
+                reason: format!("role `{}` may not pull data; only trainers may", principal.role.as_str()),
+            });
+        }
+        if !dataset.allows_purpose(purpose) {
+            let listed: Vec<&str> = dataset.purposes.iter().map(Purpose::as_str).collect();
+            return Ok(Decision {
+                allow: false,
+                rule: None,
+                reason: format!("dataset `{}` is not registered for purpose `{purpose}` (registered: {})", dataset.name, listed.join(", ")),
+            });
+        }
+        let (allow, rules) = self
+            .enforcer
+            .enforce_ex((principal.name.as_str(), principal.org.as_str(), dataset.name.as_str(), purpose.as_str(), policy_time(now).as_str()))
+            .map_err(|e| Error::Casbin { op: "enforce", source: Box::new(e) })?;
+        let rule = rules.first().map(|r| r.join(", "));
+        let reason = if allow {
+            format!("permit for organisation `{}` covers purpose `{purpose}`", principal.org)
+        } else if let Some(r) = rules.first().filter(|r| r.last().is_some_and(|e| e == "deny")) {
+            format!("denied by policy line `{}`", r.join(", "))
+        } else {
+            format!(
+                "organisation `{}` holds no unexpired permit for dataset `{}` and purpose `{purpose}` or an ancestor of it",
+                principal.org, dataset.name
+            )
+        };
+        Ok(Decision { allow, rule, reason })
+    }
+}
+
+/// Values go into comma-separated policy lines: refuse the separators rather than escape them.
+fn csv_safe(s: &str) -> Result<&str> {
+    if s.is_empty() || s.contains([',', '\n', '\r', '"']) || s.trim() != s {
+        return Err(Error::InvalidName { what: "policy value", name: s.to_string(), rule: "must be non-empty with no commas, quotes, newlines or surrounding spaces" });
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classification::{LegalBasis, MemberState};
+    use std::collections::BTreeMap;
+
+    fn dataset(purposes: &[&str]) -> DatasetPolicy {
+        DatasetPolicy {
+            name: DatasetId::parse("demo").unwrap(),
+            member_state: MemberState::parse("FR").unwrap(),
+            controller: "aphp".into(),
+            subject_column: "id".into(),
+            legal_basis: LegalBasis::Consent,
+            consent_registry: "r".into(),
+            purposes: purposes.iter().map(|p| Purpose::parse(p).unwrap()).collect(),
+            columns: BTreeMap::new(),
+        }
+    }
+    fn principal(name: &str, org: &str, role: Role) -> Principal {
+        Principal { name: name.into(), org: org.into(), member_state: "DE".into(), role }
+    }
+    fn permit(org: &str, purpose: &str, expires: Option<&str>) -> Permit {
+        Permit {
+            dataset: DatasetId::parse("demo").unwrap(),
+            org: org.into(),
+            purpose: Purpose::parse(purpose).unwrap(),
+            expires: expires.map(|e| DateTime::parse_from_rfc3339(e).unwrap().with_timezone(&Utc)),
+        }
+    }
+    fn p(s: &str) -> Purpose {
+        Purpose::parse(s).unwrap()
+    }
+
+    async fn authorizer(base: &str) -> (Authorizer, Vec<Principal>) {
+        let people = vec![
+            principal("t-de", "dkfz", Role::Trainer),
+            principal("t-it", "gemelli", Role::Trainer),
+            principal("s-fr", "aphp", Role::Steward),
+        ];
+        let permits = vec![
+            permit("dkfz", "research/ai-training", None),
+            permit("gemelli", "research", Some("2020-01-01T00:00:00Z")),
+        ];
+        (Authorizer::build(DEFAULT_MODEL, base, permits, &people).await.unwrap(), people)
+    }
+
+    #[tokio::test]
+    async fn permits_cover_sub_purposes_and_expire() {
+        let (a, people) = authorizer(DEFAULT_POLICY).await;
+        let ds = dataset(&["research"]);
+        let now = Utc::now();
+        assert!(a.decide(&people[0], &ds, &p("research/ai-training/llm"), now).unwrap().allow);
+        let d = a.decide(&people[0], &ds, &p("research/epidemiology"), now).unwrap();
+        assert!(!d.allow && d.reason.contains("no unexpired permit"), "{d:?}");
+        // Expired permit: denied and invisible.
+        assert!(!a.decide(&people[1], &ds, &p("research"), now).unwrap().allow);
+        assert!(!a.visible(&people[1], &ds, now));
+        assert!(a.visible(&people[0], &ds, now));
+        // Stewards see their own data but may not pull it.
+        assert!(a.visible(&people[2], &ds, now));
+        assert!(a.decide(&people[2], &ds, &p("research"), now).unwrap().reason.contains("only trainers"));
+        // The dataset's own purposes bound every permit.
+        let narrow = dataset(&["research/epidemiology"]);
+        assert!(a.decide(&people[0], &narrow, &p("research/ai-training"), now).unwrap().reason.contains("not registered for purpose"));
+    }
+
+    #[tokio::test]
+    async fn deny_beats_allow() {
+        let base = "p, *, *, *, research/ai-training/commercial, 9999-12-31T23:59:59Z, deny\n";
+        let (a, people) = authorizer(base).await;
+        let ds = dataset(&["research"]);
+        let d = a.decide(&people[0], &ds, &p("research/ai-training/commercial/ads"), Utc::now()).unwrap();
+        assert!(!d.allow);
+        assert!(d.reason.contains("deny"), "{d:?}");
+        assert!(a.decide(&people[0], &ds, &p("research/ai-training"), Utc::now()).unwrap().allow);
+    }
+
+    #[test]
+    fn policy_text_errors_name_the_line() {
+        let err = check_policy_text("f.csv", "# ok\np, a, b, c, research, 9999-12-31T23:59:59Z, allow\np, a, b\n").unwrap_err().to_string();
+        assert!(err.contains("f.csv") && err.contains("line 3"), "{err}");
+        assert!(check_policy_text("f", "p, a, b, c, Bad, 9999-12-31T23:59:59Z, allow").is_err());
+        assert!(check_policy_text("f", "x, a").is_err());
+        check_policy_text("default", DEFAULT_POLICY).unwrap();
+    }
+}

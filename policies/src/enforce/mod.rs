@@ -1,0 +1,25 @@
+//! The single enforcement gate: `GuardedTable -> EnforceExec -> EnforceStream`.
+//!
+//! ```text
+//!  user plan (filter, projection, limit, SQL)      <- user expressions live only up here
+//!        │
+//!  EnforceExec        consent mask, column actions (pseudonymise / generalise), drop hidden
+//!        │
+//!  raw scan (connectors)  no user filters, no limit: only the columns the gate needs
+//! ```
+//!
+//! The gate reports `Unsupported` for every filter, so DataFusion places user predicates above
+//! it: no user expression is evaluated on a row the caller may not see.
+
+pub mod exec;
+pub mod grant;
+pub mod kernels;
+pub mod provider;
+pub mod pseudonymise;
+pub mod stream;
+
+pub use exec::EnforceExec;
+pub use grant::{ColumnAction, EnforceCounters, Grant};
+pub use provider::GuardedTable;
+pub use pseudonymise::Pseudonymiser;
+pub use stream::EnforceStream;

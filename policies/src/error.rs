@@ -1,0 +1,76 @@
+//! Errors of the policy crate. Messages say what to fix.
+
+use datafusion::error::DataFusionError;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in policy evaluation, consent storage and enforcement.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A purpose string is malformed.
+    #[error("invalid purpose `{purpose}`: {reason}")]
+    InvalidPurpose { purpose: String, reason: String },
+    /// A name (dataset, member state, role, policy value) is malformed.
+    #[error("invalid {what} `{name}`: {rule}")]
+    InvalidName { what: &'static str, name: String, rule: &'static str },
+    /// A generalisation rule is malformed.
+    #[error("invalid generalisation `{rule}`: use year, month, prefix:N or bucket:N with N ≥ 1")]
+    InvalidGeneralisation { rule: String },
+    /// A manifest does not match its source or is incomplete.
+    #[error("dataset `{dataset}`: {reason}")]
+    InvalidManifest { dataset: String, reason: String },
+    /// A consent event is malformed.
+    #[error("invalid consent event: {reason}")]
+    InvalidConsentEvent { reason: String },
+    /// A policy file line is malformed.
+    #[error("{file}, line {line}: {reason}")]
+    InvalidPolicyLine { file: String, line: usize, reason: String },
+    /// The request is not allowed.
+    #[error("access denied: {reason}")]
+    AccessDenied { reason: String },
+    /// A type or feature the gate cannot handle.
+    #[error("unsupported: {what}")]
+    Unsupported { what: String },
+    /// The metadata store failed.
+    #[error("metadata store: {op} failed: {source}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// casbin failed to load or evaluate the model.
+    #[error("policy engine: {op} failed: {source}")]
+    Casbin {
+        op: &'static str,
+        #[source]
+        source: Box<casbin::Error>,
+    },
+    /// An Arrow kernel failed.
+    #[error("arrow: {0}")]
+    Arrow(#[from] Box<arrow::error::ArrowError>),
+}
+
+impl From<arrow::error::ArrowError> for Error {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        Error::Arrow(Box::new(e))
+    }
+}
+
+impl From<Error> for DataFusionError {
+    fn from(e: Error) -> Self {
+        DataFusionError::External(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_send_sync_and_small() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Error>();
+        assert!(size_of::<Error>() <= 64, "{}", size_of::<Error>());
+    }
+}
