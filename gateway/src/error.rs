@@ -204,6 +204,12 @@ impl From<DataFusionError> for Error {
     }
 }
 
+impl From<arrow::error::ArrowError> for Error {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        Error::Policy(passerelle_policies::Error::from(e))
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         tonic::Status::new(e.status().to_tonic_code(), e.public_message())

@@ -1,1 +1,30 @@
-//! placeholder
+//! # passerelle
+//!
+//! The gateway a member state runs: Arrow Flight and REST in front of its datasets, every data
+//! path through the single gate in `passerelle-policies`, every access in the audit log.
+//!
+//! ```text
+//!  client ──Flight──► flight::FlightHandler ──► catalog::plan ──► GuardedTable ─► EnforceExec ─► raw scan
+//!         ──REST────► admin::router ──► node::Node (MetaStore, ConsentStore, AuditLog, ConsentIndex)
+//!  CLI    ──────────► cli::run_admin ──► node::Node (same operations, same SQLite data directory)
+//! ```
+//!
+//! It must never register a raw source in a query context: `catalog::guarded_context` takes only
+//! `GuardedTable`s.
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod flight;
+pub mod manifest;
+pub mod meta;
+pub mod node;
+pub mod startup;
+pub mod ticket;
+
+pub use error::{Error, Result};

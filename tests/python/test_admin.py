@@ -120,22 +120,26 @@ def test_permit_to_an_unknown_dataset_is_404_json(scratch_gateway: Gateway):
 
 
 def test_cli_permit_expiry(scratch_gateway: Gateway, admin):
+    """A permit expiring in 3 s grants access until then and not after; a far-future one keeps granting."""
     gw = scratch_gateway
-    now = datetime.now(timezone.utc)
+    expires = datetime.now(timezone.utc) + timedelta(seconds=3)
     gw.cli("permit", "add", "--dataset", DATASET, "--org", "expired-org", "--purpose", PURPOSE,
-           "--expires", rfc3339(now - timedelta(days=1)))
-    # The future permit is added after the expired one: once it is visible, the expired one has been seen too.
+           "--expires", rfc3339(expires))
     gw.cli("permit", "add", "--dataset", DATASET, "--org", "future-org", "--purpose", PURPOSE,
-           "--expires", rfc3339(now + timedelta(days=30)))
+           "--expires", rfc3339(datetime.now(timezone.utc) + timedelta(days=30)))
+    short, future = call_options(admin["trainer-expired"]), call_options(admin["trainer-future"])
     c = gw.connect()
     try:
-        _, seconds = poll_until(lambda: listed_datasets(c, call_options(admin["trainer-future"])) == [DATASET],
-                                what="future-org sees demo_patients")
-        assert seconds <= PROPAGATION_LIMIT
-        assert listed_datasets(c, call_options(admin["trainer-expired"])) == []
+        poll_until(lambda: listed_datasets(c, short) == [DATASET], deadline=2.5, what="the short permit is seen")
+        poll_until(lambda: listed_datasets(c, future) == [DATASET], deadline=2.5, what="the long permit is seen")
+        poll_until(lambda: listed_datasets(c, short) == [], deadline=8.0, what="the short permit expires")
+        gone = datetime.now(timezone.utc)
+        assert gone >= expires - timedelta(milliseconds=200), f"permit dropped {expires - gone} before it expired"
+        assert gone <= expires + timedelta(seconds=PROPAGATION_LIMIT), f"permit honoured {gone - expires} too long"
         # expired: not usable (whether reported as invisible or as denied), and never INTERNAL
         with pytest.raises((flight.FlightUnauthorizedError, pa.ArrowKeyError)):
-            c.get_flight_info(path_descriptor(), call_options(admin["trainer-expired"]))
+            c.get_flight_info(path_descriptor(), short)
+        assert listed_datasets(c, future) == [DATASET]
     finally:
         c.close()
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pyarrow as pa
 
 from conftest import (DATASET, OTHER_PURPOSE, PURPOSE, RAW_COLUMNS, REGISTRY, SUB_PURPOSE, Gateway, Reference,
-                      consented_subjects, consented_subjects_from_csv, ConsentEvent, parse_rfc3339,
+                      consented_subjects, consented_subjects_from_csv, ConsentEvent, is_string_type, parse_rfc3339,
                       purpose_and_ancestors, subject_key)
 
 
@@ -29,7 +29,8 @@ def test_raw_parquet_schema(reference: Reference):
     schema = reference.raw.schema
     assert schema.names == RAW_COLUMNS
     assert schema.field("patient_id").type == pa.int64()
-    assert pa.types.is_string(schema.field("full_name").type) or pa.types.is_large_string(schema.field("full_name").type)
+    assert is_string_type(schema.field("full_name").type)
+    assert is_string_type(schema.field("postcode").type) and is_string_type(schema.field("diagnosis").type)
     assert schema.field("birth_date").type == pa.date32()
     assert schema.field("hba1c").type == pa.float64()
     ts = schema.field("admitted_at").type

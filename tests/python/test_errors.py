@@ -40,14 +40,14 @@ def test_ticket_owner_can_read(gateway: Gateway, client, ticket):
 # ---------------------------------------------------------------------------------------------- UNAUTHENTICATED
 
 @pytest.mark.parametrize("rpc", ["list_flights", "get_flight_info", "get_schema", "do_get"])
-@pytest.mark.parametrize("credential", ["none", "wrong-key", "empty-bearer", "not-bearer"])
+@pytest.mark.parametrize("credential", ["none", "wrong-key", "bearer-without-key", "not-bearer"])
 def test_missing_or_wrong_key_is_unauthenticated(gateway: Gateway, client, ticket, rpc, credential):
     if credential == "none":
         opts = call_options(None)
     elif credential == "wrong-key":
         opts = call_options("not-a-valid-key-" + "x" * 32)
-    elif credential == "empty-bearer":
-        opts = call_options("Bearer ", bearer=False)
+    elif credential == "bearer-without-key":  # no trailing space: HTTP/2 forbids it in header values
+        opts = call_options("Bearer", bearer=False)
     else:  # the right key without the Bearer scheme
         opts = call_options(gateway.keys["trainer-de"], bearer=False)
     expect_status("UNAUTHENTICATED", dict(_calls(client, opts, ticket))[rpc], rpc=rpc)

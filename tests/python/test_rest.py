@@ -37,8 +37,7 @@ def test_dataset_show(gateway: Gateway):
 
 def test_dataset_show_unknown_is_404_json(gateway: Gateway):
     resp = http("GET", gateway.url("/api/v1/datasets/no_such_dataset"), key=gateway.keys["steward-fr"])
-    body = assert_json_error(resp, 404)
-    assert "no_such_dataset" in body["error"] + body["hint"]
+    assert_json_error(resp, 404)
 
 
 def test_cli_dataset_list_and_show(gateway: Gateway):

@@ -1,0 +1,140 @@
+//! Plans data requests. The per-request `SessionContext` holds only `GuardedTable`s: there is no
+//! function here that registers a bare provider, so every plan reads through the gate.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use chrono::Utc;
+use datafusion::common::DFSchema;
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use passerelle_policies::enforce::{EnforceCounters, Grant, GuardedTable};
+use passerelle_policies::{ColumnClass, Principal, Purpose};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::node::Node;
+
+/// What a client asks for: a dataset, optionally some columns, a filter over the post-policy
+/// rows and a row limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataCommand {
+    /// Dataset name.
+    pub dataset: String,
+    /// Columns to send (default: every column the policy sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
+    /// SQL boolean expression, evaluated only on rows the gate lets through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Maximum rows across all endpoints of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+const COMMAND_HINT: &str = "send {\"dataset\": \"name\", \"columns\": [..], \"filter\": \"sql expression\", \"limit\": n}";
+
+impl DataCommand {
+    /// Parses the JSON form used in Flight descriptors.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::invalid(format!("command is not valid JSON for a data request: {e}"), COMMAND_HINT))
+    }
+}
+
+/// A planned, allowed request.
+#[derive(Debug)]
+pub struct PlannedQuery {
+    /// The plan, ready to execute.
+    pub df: DataFrame,
+    /// The schema the client receives.
+    pub schema: SchemaRef,
+    /// Counters the gate fills while streaming.
+    pub counters: Arc<EnforceCounters>,
+    /// Why access was allowed.
+    pub reason: String,
+    /// Consent version at planning time.
+    pub consent_version: u64,
+}
+
+/// The session settings every request uses. Guarded scans must not evaluate predicates inside
+/// the Parquet reader (row-filter pushdown), and strings stay `Utf8` rather than `Utf8View` so
+/// that every Flight client (JDBC, older pyarrow) can read them.
+pub fn session_config() -> SessionConfig {
+    SessionConfig::new()
+        .with_information_schema(false)
+        .with_batch_size(8192)
+        .set_bool("datafusion.execution.parquet.pushdown_filters", false)
+        .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
+}
+
+/// A session with no tables, for opening raw sources.
+pub fn source_context() -> SessionContext {
+    SessionContext::new_with_config(session_config())
+}
+
+/// A session whose catalog holds exactly the given guarded tables.
+pub fn guarded_context(tables: Vec<(String, GuardedTable)>) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config(session_config());
+    for (name, table) in tables {
+        ctx.register_table(name.as_str(), Arc::new(table))?;
+    }
+    Ok(ctx)
+}
+
+/// Decides and plans a data request. Errors: `DatasetNotFound` (missing or invisible),
+/// `PermissionDenied` (purpose, role, direct identifier), `InvalidArgument` (unknown column,
+/// bad filter).
+pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &DataCommand) -> Result<PlannedQuery> {
+    let snap = node.snapshot();
+    let manifest = snap.visible_dataset(principal, &cmd.dataset)?;
+    let policy = Arc::new(manifest.policy());
+    let decision = snap.authorizer.decide(principal, &policy, purpose, Utc::now())?;
+    if !decision.allow {
+        return Err(Error::PermissionDenied { reason: decision.reason });
+    }
+    let check_column = |name: &str| -> Result<()> {
+        match policy.columns.get(name).map(|c| c.class) {
+            None => Err(Error::invalid(format!("dataset `{}` has no column `{name}`", cmd.dataset), "use GetSchema to list the columns you may request")),
+            Some(ColumnClass::DirectIdentifier) => Err(Error::PermissionDenied { reason: format!("column `{name}` is a direct identifier and is never sent") }),
+            Some(_) => Ok(()),
+        }
+    };
+    if let Some(cols) = &cmd.columns {
+        if cols.is_empty() {
+            return Err(Error::invalid("`columns` is empty", "omit `columns` to receive every column you may see"));
+        }
+        cols.iter().try_for_each(|c| check_column(c))?;
+    }
+
+    let ctx0 = source_context();
+    let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source()).await?;
+    let raw_schema = raw.schema();
+    if let Some(filter) = &cmd.filter {
+        // Name the hidden columns a filter refers to before planning it against the guarded table.
+        let raw_df_schema = DFSchema::try_from(raw_schema.as_ref().clone())?;
+        let expr = ctx0.parse_sql_expr(filter, &raw_df_schema).map_err(|e| Error::invalid(format!("filter does not parse: {}", e.strip_backtrace()), "write a SQL boolean expression over the columns you may see"))?;
+        for c in expr.column_refs() {
+            check_column(&c.name)?;
+        }
+    }
+
+    let grant = Grant::new(&decision, Arc::clone(&policy), raw_schema, purpose.clone(), node.pseudonymiser(&principal.org), Arc::clone(&node.consent))?;
+    let counters = grant.counters();
+    let consent_version = grant.consent_version();
+    let table = GuardedTable::new(raw, grant);
+    let ctx = guarded_context(vec![(cmd.dataset.clone(), table)])?;
+    let mut df = ctx.table(cmd.dataset.as_str()).await?;
+    if let Some(filter) = &cmd.filter {
+        let expr = df.parse_sql_expr(filter).map_err(|e| Error::invalid(format!("filter is not valid here: {}", e.strip_backtrace()), "write a SQL boolean expression over the columns you may see"))?;
+        df = df.filter(expr).map_err(|e| Error::invalid(format!("filter is not valid here: {}", e.strip_backtrace()), "the filter must be a boolean expression"))?;
+    }
+    if let Some(cols) = &cmd.columns {
+        let names: Vec<&str> = cols.iter().map(String::as_str).collect();
+        df = df.select_columns(&names)?;
+    }
+    if let Some(limit) = cmd.limit {
+        df = df.limit(0, Some(usize::try_from(limit).unwrap_or(usize::MAX)))?;
+    }
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    Ok(PlannedQuery { df, schema, counters, reason: decision.reason, consent_version })
+}

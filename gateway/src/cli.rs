@@ -1,0 +1,283 @@
+//! The `passerelle` command line (a public contract: keep names stable).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use passerelle_policies::consent::ConsentEvent;
+use passerelle_policies::{DatasetId, Permit, Principal, Purpose, Role};
+use serde_json::json;
+
+use crate::audit::AuditQuery;
+use crate::config::GatewayConfig;
+use crate::manifest::Manifest;
+use crate::node::Node;
+
+/// Passerelle: a policy-enforcing Arrow Flight gateway for member-state data.
+#[derive(Debug, Parser)]
+#[command(name = "passerelle", version, about)]
+pub struct Cli {
+    /// Data directory (database, keys, demo data); created on first use.
+    #[arg(long, global = true, env = "PASSERELLE_DATA_DIR", default_value = "./passerelle-data")]
+    pub data_dir: PathBuf,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (Arrow Flight + REST).
+    Serve(ServeArgs),
+    /// Manage principals.
+    #[command(subcommand)]
+    Principal(PrincipalCmd),
+    /// Manage datasets.
+    #[command(subcommand)]
+    Dataset(DatasetCmd),
+    /// Manage data permits.
+    #[command(subcommand)]
+    Permit(PermitCmd),
+    /// Load or withdraw consent.
+    #[command(subcommand)]
+    Consent(ConsentCmd),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+/// `serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Arrow Flight address (port 0 picks a free port).
+    #[arg(long, env = "PASSERELLE_FLIGHT_ADDR")]
+    pub flight_addr: Option<String>,
+    /// REST address (port 0 picks a free port).
+    #[arg(long, env = "PASSERELLE_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Create the demo dataset, consent, principals and permit if absent.
+    #[arg(long)]
+    pub demo: bool,
+    /// Rows in the demo dataset.
+    #[arg(long)]
+    pub demo_rows: Option<usize>,
+}
+
+/// `principal` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PrincipalCmd {
+    /// Add a principal and print its API key (shown once).
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        member_state: String,
+        /// trainer, steward, auditor or admin.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+/// `dataset` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DatasetCmd {
+    /// Register a dataset from a TOML manifest.
+    Register {
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// List datasets.
+    List,
+    /// Show one dataset.
+    Show { name: String },
+}
+
+/// `permit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PermitCmd {
+    /// Allow an organisation to use a dataset for a purpose (and its sub-purposes).
+    Add {
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        purpose: String,
+        /// Expiry, RFC 3339.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+}
+
+/// `consent` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConsentCmd {
+    /// Import events from CSV (`subject_id,purpose,status,timestamp`).
+    Import {
+        #[arg(long)]
+        registry: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Record a withdrawal now.
+    Withdraw {
+        #[arg(long)]
+        registry: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        purpose: String,
+    },
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// List entries, newest first.
+    List {
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration.
+    Show {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn print(json_mode: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+/// Merges defaults, the config file, and flags.
+pub fn effective_config(cli: &Cli, config: Option<&PathBuf>, serve: Option<&ServeArgs>) -> anyhow::Result<GatewayConfig> {
+    let mut cfg = match config {
+        Some(p) => GatewayConfig::load(p).with_context(|| format!("loading {}", p.display()))?,
+        None => GatewayConfig::default(),
+    };
+    cfg.data_dir = Some(cli.data_dir.clone());
+    if let Some(s) = serve {
+        if let Some(a) = &s.flight_addr {
+            cfg.server.flight_addr = a.clone();
+        }
+        if let Some(a) = &s.http_addr {
+            cfg.server.http_addr = a.clone();
+        }
+        if s.demo {
+            cfg.demo.enabled = true;
+        }
+        if let Some(n) = s.demo_rows {
+            cfg.demo.rows = n;
+        }
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs one non-serve command against the data directory.
+pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
+    let j = cli.json;
+    if let Command::Config(ConfigCmd::Show { config }) = &cli.command {
+        let cfg = effective_config(cli, config.as_ref(), None)?;
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let node = Node::open(&cli.data_dir).await.with_context(|| format!("opening data directory {}", cli.data_dir.display()))?;
+    match &cli.command {
+        Command::Serve(_) | Command::Config(_) => bail!("not an admin command"),
+        Command::Principal(PrincipalCmd::Add { name, org, member_state, role }) => {
+            let p = Principal { name: name.clone(), org: org.clone(), member_state: member_state.clone(), role: Role::parse(role)? };
+            let key = node.add_principal(&p).await?;
+            print(j, json!({ "name": name, "org": org, "member_state": member_state, "role": role, "key": key }), || {
+                format!("principal `{name}` added.\nAPI key (shown once, store it now): {key}")
+            });
+        }
+        Command::Dataset(DatasetCmd::Register { manifest }) => {
+            let text = std::fs::read_to_string(manifest).with_context(|| format!("reading {}", manifest.display()))?;
+            let m = Manifest::from_toml(&text)?;
+            node.register_dataset(&m).await?;
+            print(j, serde_json::to_value(&m)?, || format!("dataset `{}` registered ({} columns classified)", m.name, m.columns.len()));
+        }
+        Command::Dataset(DatasetCmd::List) => {
+            let all = node.meta.datasets().await?;
+            print(j, serde_json::to_value(&all)?, || {
+                all.iter().map(|m| format!("{}\t{}\t{}\t{}", m.name, m.member_state, m.controller, m.location)).collect::<Vec<_>>().join("\n")
+            });
+        }
+        Command::Dataset(DatasetCmd::Show { name }) => {
+            let all = node.meta.datasets().await?;
+            let Some(m) = all.into_iter().find(|m| m.name.as_str() == name) else { bail!("dataset `{name}` not found") };
+            print(j, serde_json::to_value(&m)?, || toml::to_string_pretty(&m).unwrap_or_default());
+        }
+        Command::Permit(PermitCmd::Add { dataset, org, purpose, expires }) => {
+            let expires_at: Option<DateTime<Utc>> = expires
+                .as_deref()
+                .map(|e| DateTime::parse_from_rfc3339(e).map(|t| t.with_timezone(&Utc)))
+                .transpose()
+                .context("--expires must be RFC 3339, e.g. 2027-01-01T00:00:00Z")?;
+            let purpose = Purpose::parse(purpose)?;
+            let all = node.meta.datasets().await?;
+            let Some(m) = all.iter().find(|m| m.name.as_str() == dataset) else { bail!("dataset `{dataset}` not found") };
+            if !m.policy().allows_purpose(&purpose) {
+                bail!("dataset `{dataset}` is not registered for purpose `{purpose}`; permit one of its purposes or a sub-purpose");
+            }
+            node.add_permit(&Permit { dataset: DatasetId::parse(dataset)?, org: org.clone(), purpose: purpose.clone(), expires: expires_at }).await?;
+            print(j, json!({ "dataset": dataset, "org": org, "purpose": purpose.to_string(), "expires": expires }), || {
+                format!("permit added: `{org}` may use `{dataset}` for `{purpose}`")
+            });
+        }
+        Command::Consent(ConsentCmd::Import { registry, file }) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let events = crate::demo::parse_consent_csv(&text)?;
+            let started = std::time::Instant::now();
+            let version = node.append_consent(registry, &events).await?;
+            print(j, json!({ "registry": registry, "imported": events.len(), "consent_version": version }), || {
+                format!("imported {} events into `{registry}` in {:.2?} (consent version {version})", events.len(), started.elapsed())
+            });
+        }
+        Command::Consent(ConsentCmd::Withdraw { registry, subject, purpose }) => {
+            let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let event = ConsentEvent::parse(subject, purpose, "withdrawn", &now)?;
+            let version = node.append_consent(registry, std::slice::from_ref(&event)).await?;
+            print(j, json!({ "registry": registry, "subject": subject, "purpose": purpose, "consent_version": version }), || {
+                format!("withdrawal recorded (consent version {version}); running servers apply it within a second")
+            });
+        }
+        Command::Audit(AuditCmd::List { dataset, principal, limit }) => {
+            let rows = node.audit.list(&AuditQuery { dataset: dataset.clone(), principal: principal.clone(), limit: Some(*limit) }).await?;
+            print(j, serde_json::to_value(&rows)?, || {
+                rows.iter()
+                    .map(|r| format!("{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\tsent={}\twithheld={}\t{}", r.id, r.time, r.principal, r.action, r.dataset, r.purpose, r.decision, r.status, r.rows_sent, r.rows_withheld, r.reason))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(())
+}

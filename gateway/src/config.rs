@@ -1,0 +1,119 @@
+//! Gateway configuration. Precedence: defaults < TOML file (`--config`) < environment
+//! (`PASSERELLE_DATA_DIR`, and clap's `env` on flags) < command-line flags. Unknown keys are
+//! refused: a typo must fail, not be ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Network settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerOptions {
+    /// Arrow Flight listen address; port 0 picks a free port.
+    pub flight_addr: String,
+    /// REST listen address; port 0 picks a free port.
+    pub http_addr: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self { flight_addr: "127.0.0.1:50051".into(), http_addr: "127.0.0.1:8080".into() }
+    }
+}
+
+/// Ticket settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketOptions {
+    /// Lifetime of a Flight ticket, in seconds.
+    pub ttl_secs: u64,
+}
+
+impl Default for TicketOptions {
+    fn default() -> Self {
+        Self { ttl_secs: 600 }
+    }
+}
+
+/// Demo settings (`serve --demo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoOptions {
+    /// Create the demo dataset on start.
+    pub enabled: bool,
+    /// Rows in the demo dataset.
+    pub rows: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self { enabled: false, rows: 1_000_000 }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Data directory (database, keys, demo data).
+    pub data_dir: Option<PathBuf>,
+    /// Listen addresses.
+    pub server: ServerOptions,
+    /// Tickets.
+    pub tickets: TicketOptions,
+    /// Demo.
+    pub demo: DemoOptions,
+}
+
+impl GatewayConfig {
+    /// Loads a TOML file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { op: "read config", path: path.display().to_string(), source })?;
+        Self::from_toml(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display()), "see deploy/config/*.example.toml"))
+    }
+
+    /// Parses TOML.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).map_err(|e| Error::invalid(format!("config does not parse: {e}"), "see deploy/config/*.example.toml"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks after all layers are merged.
+    pub fn validate(&self) -> Result<()> {
+        for (name, addr) in [("server.flight_addr", &self.server.flight_addr), ("server.http_addr", &self.server.http_addr)] {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| Error::invalid(format!("{name} = `{addr}` is not host:port ({e})"), "write e.g. 127.0.0.1:50051"))?;
+        }
+        if self.tickets.ttl_secs == 0 || self.tickets.ttl_secs > 86_400 {
+            return Err(Error::invalid("tickets.ttl_secs must be between 1 and 86400", "tickets are short-lived by design"));
+        }
+        if self.demo.rows == 0 {
+            return Err(Error::invalid("demo.rows must be at least 1", "the default is 1000000"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (there are no secrets in it to redact).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Internal(format!("render config: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_typos_fail() {
+        GatewayConfig::default().validate().unwrap();
+        let cfg = GatewayConfig::from_toml("[server]\nflight_addr = \"0.0.0.0:0\"\n").unwrap();
+        assert_eq!(cfg.server.flight_addr, "0.0.0.0:0");
+        assert!(GatewayConfig::from_toml("[server]\nflight_adr = \"x\"\n").unwrap_err().to_string().contains("unknown field"));
+        assert!(GatewayConfig::from_toml("[server]\nflight_addr = \"nope\"\n").is_err());
+        let round = GatewayConfig::from_toml(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(round, cfg);
+    }
+}

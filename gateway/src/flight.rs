@@ -1,0 +1,373 @@
+//! Plain Arrow Flight: Handshake, ListFlights, GetFlightInfo, GetSchema, DoGet.
+//!
+//! Every data call authenticates, requires `x-passerelle-purpose`, decides through the policy
+//! engine, writes an audit entry before any batch leaves, and streams through the gate.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_descriptor::DescriptorType;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+};
+use datafusion::error::DataFusionError;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, TryStreamExt};
+use passerelle_policies::enforce::EnforceCounters;
+use passerelle_policies::{Principal, Purpose};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::audit::{self, AuditEntry, AuditLog, Completion};
+use crate::catalog::{self, DataCommand, PlannedQuery};
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::ticket::TicketClaims;
+
+/// The header carrying the declared purpose.
+pub const PURPOSE_HEADER: &str = "x-passerelle-purpose";
+
+/// The Flight service of one node.
+#[derive(Debug, Clone)]
+pub struct FlightHandler {
+    node: Arc<Node>,
+}
+
+struct Caller {
+    principal: Principal,
+    purpose: Purpose,
+}
+
+fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
+    md.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn command_from_descriptor(desc: &FlightDescriptor) -> Result<DataCommand> {
+    match DescriptorType::try_from(desc.r#type) {
+        Ok(DescriptorType::Path) => match desc.path.as_slice() {
+            [name] => Ok(DataCommand { dataset: name.clone(), ..Default::default() }),
+            _ => Err(Error::invalid("a path descriptor must have exactly one element, the dataset name", "use FlightDescriptor.for_path(\"dataset\")")),
+        },
+        Ok(DescriptorType::Cmd) => DataCommand::from_json(&desc.cmd),
+        _ => Err(Error::invalid("unknown descriptor type", "use a path or a JSON command descriptor")),
+    }
+}
+
+impl FlightHandler {
+    /// A handler over a node.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn caller(&self, md: &MetadataMap) -> Result<Caller> {
+        let principal = self.node.authenticate(header(md, "authorization"))?;
+        let purpose = header(md, PURPOSE_HEADER).ok_or_else(|| {
+            Error::invalid(format!("missing `{PURPOSE_HEADER}` header"), "declare the purpose of this access, e.g. x-passerelle-purpose: research/ai-training")
+        })?;
+        let purpose = Purpose::parse(purpose).map_err(|e| Error::invalid(format!("`{PURPOSE_HEADER}`: {e}"), "purposes are slash-separated lowercase paths"))?;
+        Ok(Caller { principal, purpose })
+    }
+
+    /// Appends an audit entry; failures to audit fail the request (no unaudited access).
+    async fn audit(&self, md: &MetadataMap, caller: Option<&Caller>, action: audit::Action, cmd: Option<&DataCommand>, outcome: std::result::Result<&str, &Error>, final_entry: bool) -> Result<i64> {
+        let (principal, organisation, member_state) = match caller {
+            Some(c) => (c.principal.name.clone(), c.principal.org.clone(), c.principal.member_state.clone()),
+            None => ("(unauthenticated)".to_string(), String::new(), String::new()),
+        };
+        let purpose = caller.map(|c| c.purpose.to_string()).or_else(|| header(md, PURPOSE_HEADER).map(str::to_string)).unwrap_or_default();
+        let registry_version = cmd
+            .and_then(|c| self.node.snapshot().datasets.get(&c.dataset).map(|m| m.policy().consent_registry))
+            .map_or(0, |r| self.node.consent.registry_version(&r));
+        let entry = AuditEntry {
+            principal,
+            organisation,
+            member_state,
+            purpose,
+            dataset: cmd.map(|c| c.dataset.clone()).unwrap_or_default(),
+            columns: cmd.and_then(|c| c.columns.clone()),
+            filter: cmd.and_then(|c| c.filter.clone()),
+            action,
+            allow: outcome.is_ok(),
+            reason: match outcome {
+                Ok(r) => r.to_string(),
+                Err(e) => e.public_message(),
+            },
+            consent_version: registry_version,
+        };
+        self.node.audit.append(&entry, final_entry).await
+    }
+
+    /// Authenticates, parses and plans; audits denials. Returns the caller and the plan.
+    async fn decide(&self, md: &MetadataMap, action: audit::Action, cmd: std::result::Result<DataCommand, Error>) -> Result<(Caller, DataCommand, PlannedQuery)> {
+        let caller = match self.caller(md) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit(md, None, action, cmd.as_ref().ok(), Err(&e), true).await?;
+                return Err(e);
+            }
+        };
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit(md, Some(&caller), action, None, Err(&e), true).await?;
+                return Err(e);
+            }
+        };
+        match catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
+            Ok(p) => Ok((caller, cmd, p)),
+            Err(e) => {
+                self.audit(md, Some(&caller), action, Some(&cmd), Err(&e), true).await?;
+                Err(e)
+            }
+        }
+    }
+
+    fn flight_info(&self, caller: &Caller, cmd: &DataCommand, planned: &PlannedQuery, desc: FlightDescriptor, with_ticket: bool) -> Result<FlightInfo> {
+        let mut info = FlightInfo::new()
+            .try_with_schema(&planned.schema)
+            .map_err(|e| Error::Internal(format!("encode schema: {e}")))?
+            .with_descriptor(desc)
+            .with_total_records(-1)
+            .with_ordered(false);
+        if with_ticket {
+            let claims = TicketClaims {
+                v: 1,
+                principal: caller.principal.name.clone(),
+                purpose: caller.purpose.to_string(),
+                dataset: cmd.dataset.clone(),
+                columns: cmd.columns.clone(),
+                filter: cmd.filter.clone(),
+                limit: cmd.limit,
+                exp: chrono::Utc::now().timestamp() + self.node.ticket_ttl.as_secs() as i64,
+                nonce: rand::random(),
+            };
+            info = info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(self.node.tickets.sign(&claims)?)));
+        }
+        Ok(info)
+    }
+}
+
+/// Maps an error from the Flight encoder (which wraps DataFusion's) to a status, once.
+fn flight_error_to_status(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(s) => *s,
+        FlightError::ExternalError(inner) => match inner.downcast::<DataFusionError>() {
+            Ok(df) => Error::from(*df).into(),
+            Err(other) => Error::Internal(other.to_string()).into(),
+        },
+        other => Error::Internal(other.to_string()).into(),
+    }
+}
+
+/// Counts rows sent and completes the audit entry when the stream ends, fails or is dropped.
+struct AuditedStream {
+    inner: SendableRecordBatchStream,
+    audit: AuditLog,
+    id: i64,
+    counters: Arc<EnforceCounters>,
+    sent: Arc<AtomicU64>,
+    start_version: u64,
+    done: bool,
+}
+
+impl AuditedStream {
+    fn finish(&mut self, ok: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let (_, _, dropped) = self.counters.rows();
+        let last = self.counters.last_consent_version.load(Ordering::Relaxed).max(self.start_version);
+        let completion = Completion { rows_sent: self.sent.load(Ordering::Relaxed), rows_withheld: dropped, consent_version_last: last, ok };
+        let (audit, id) = (self.audit.clone(), self.id);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = audit.complete(id, completion).await {
+                    tracing::error!(error = %e, audit_id = id, "could not complete audit entry");
+                }
+            });
+        }
+    }
+}
+
+impl Stream for AuditedStream {
+    type Item = datafusion::error::Result<arrow::array::RecordBatch>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.inner.poll_next_unpin(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(b))) => {
+                self.sent.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(None) => self.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl Drop for AuditedStream {
+    fn drop(&mut self) {
+        // A client that hangs up mid-stream leaves a `failed` entry with the rows it received.
+        self.finish(false);
+    }
+}
+
+#[tonic::async_trait]
+impl FlightService for FlightHandler {
+    type HandshakeStream = BoxStream<'static, std::result::Result<HandshakeResponse, Status>>;
+    type ListFlightsStream = BoxStream<'static, std::result::Result<FlightInfo, Status>>;
+    type DoGetStream = BoxStream<'static, std::result::Result<FlightData, Status>>;
+    type DoPutStream = BoxStream<'static, std::result::Result<PutResult, Status>>;
+    type DoActionStream = BoxStream<'static, std::result::Result<arrow_flight::Result, Status>>;
+    type ListActionsStream = BoxStream<'static, std::result::Result<ActionType, Status>>;
+    type DoExchangeStream = BoxStream<'static, std::result::Result<FlightData, Status>>;
+
+    async fn handshake(&self, request: Request<Streaming<HandshakeRequest>>) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
+        let md = request.metadata();
+        let value = header(md, "authorization").ok_or(Error::Unauthenticated { reason: "missing authorization header" })?;
+        let principal = self.node.authenticate(Some(value))?;
+        let key = match crate::auth::parse_authorization(value)? {
+            crate::auth::Credentials::Bearer(k) => k,
+            crate::auth::Credentials::Basic { key, .. } => key,
+        };
+        tracing::info!(principal = %principal.name, "handshake");
+        let bearer = format!("Bearer {key}").parse().map_err(|_| Status::invalid_argument("key contains characters not allowed in a header"))?;
+        let out = futures::stream::iter([Ok(HandshakeResponse { protocol_version: 0, payload: Default::default() })]);
+        let mut resp = Response::new(out.boxed());
+        resp.metadata_mut().insert("authorization", bearer);
+        Ok(resp)
+    }
+
+    async fn list_flights(&self, request: Request<Criteria>) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
+        let md = request.metadata().clone();
+        let caller = match self.caller(&md) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit(&md, None, audit::Action::ListFlights, None, Err(&e), true).await?;
+                return Err(e.into());
+            }
+        };
+        let mut infos = Vec::new();
+        for name in self.node.snapshot().datasets.keys() {
+            let cmd = DataCommand { dataset: name.clone(), ..Default::default() };
+            // Only datasets the caller may pull for this purpose are listed; a dataset whose
+            // source is broken is skipped here and reported when asked for by name.
+            if let Ok(planned) = catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
+                infos.push(Ok(self.flight_info(&caller, &cmd, &planned, FlightDescriptor::new_path(vec![name.clone()]), false)?));
+            }
+        }
+        let reason = format!("listed {} dataset(s)", infos.len());
+        self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Ok(&reason), true).await?;
+        Ok(Response::new(futures::stream::iter(infos).boxed()))
+    }
+
+    async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> std::result::Result<Response<FlightInfo>, Status> {
+        let md = request.metadata().clone();
+        let desc = request.into_inner();
+        let (caller, cmd, planned) = self.decide(&md, audit::Action::GetFlightInfo, command_from_descriptor(&desc)).await?;
+        let info = self.flight_info(&caller, &cmd, &planned, desc, true)?;
+        self.audit(&md, Some(&caller), audit::Action::GetFlightInfo, Some(&cmd), Ok(&planned.reason), true).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn poll_flight_info(&self, _request: Request<FlightDescriptor>) -> std::result::Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented("PollFlightInfo is not supported; use GetFlightInfo"))
+    }
+
+    async fn get_schema(&self, request: Request<FlightDescriptor>) -> std::result::Result<Response<SchemaResult>, Status> {
+        let md = request.metadata().clone();
+        let desc = request.into_inner();
+        let (caller, cmd, planned) = self.decide(&md, audit::Action::GetSchema, command_from_descriptor(&desc)).await?;
+        let result: SchemaResult = SchemaAsIpc::new(&planned.schema, &IpcWriteOptions::default()).try_into().map_err(|e| Error::Internal(format!("encode schema: {e}")))?;
+        self.audit(&md, Some(&caller), audit::Action::GetSchema, Some(&cmd), Ok(&planned.reason), true).await?;
+        Ok(Response::new(result))
+    }
+
+    async fn do_get(&self, request: Request<Ticket>) -> std::result::Result<Response<Self::DoGetStream>, Status> {
+        let md = request.metadata().clone();
+        let ticket = request.into_inner();
+        let caller = match self.caller(&md) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit(&md, None, audit::Action::DoGet, None, Err(&e), true).await?;
+                return Err(e.into());
+            }
+        };
+        let claims = match self.node.tickets.verify(&ticket.ticket, chrono::Utc::now().timestamp()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit(&md, Some(&caller), audit::Action::DoGet, None, Err(&e), true).await?;
+                return Err(e.into());
+            }
+        };
+        let cmd = DataCommand { dataset: claims.dataset.clone(), columns: claims.columns.clone(), filter: claims.filter.clone(), limit: claims.limit };
+        let mismatch = if claims.principal != caller.principal.name {
+            Some("ticket was issued to another principal".to_string())
+        } else if claims.purpose != caller.purpose.as_str() {
+            Some(format!("ticket was issued for purpose `{}`; declare the same purpose to use it", claims.purpose))
+        } else {
+            None
+        };
+        if let Some(reason) = mismatch {
+            let e = Error::PermissionDenied { reason };
+            self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true).await?;
+            return Err(e.into());
+        }
+        // Decide again at stream time: permits, consent and the dataset may have changed.
+        let planned = match catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true).await?;
+                return Err(e.into());
+            }
+        };
+        let id = self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Ok(&planned.reason), false).await?;
+        let schema = Arc::clone(&planned.schema);
+        let stream = match planned.df.execute_stream().await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.node.audit.complete(id, Completion { rows_sent: 0, rows_withheld: 0, consent_version_last: planned.consent_version, ok: false }).await;
+                return Err(Error::from(e).into());
+            }
+        };
+        let audited = AuditedStream {
+            inner: stream,
+            audit: self.node.audit.clone(),
+            id,
+            counters: planned.counters,
+            sent: Arc::new(AtomicU64::new(0)),
+            start_version: planned.consent_version,
+            done: false,
+        };
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(audited.map_err(|e| FlightError::ExternalError(Box::new(e))))
+            .map_err(flight_error_to_status);
+        Ok(Response::new(encoded.boxed()))
+    }
+
+    async fn do_put(&self, _request: Request<Streaming<FlightData>>) -> std::result::Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::unimplemented("Passerelle is read-only over Flight; register data with `passerelle dataset register`"))
+    }
+
+    async fn do_exchange(&self, _request: Request<Streaming<FlightData>>) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("DoExchange is not supported"))
+    }
+
+    async fn do_action(&self, _request: Request<Action>) -> std::result::Result<Response<Self::DoActionStream>, Status> {
+        Err(Status::unimplemented("no actions are supported"))
+    }
+
+    async fn list_actions(&self, _request: Request<Empty>) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
+        Ok(Response::new(futures::stream::empty().boxed()))
+    }
+}

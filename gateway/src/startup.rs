@@ -1,0 +1,95 @@
+//! Builds and runs a node: binds both listeners, writes `serve.json`, serves Flight and REST
+//! until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::GatewayConfig;
+use crate::error::{Error, Result};
+use crate::flight::FlightHandler;
+use crate::node::Node;
+
+/// Largest gRPC message accepted from clients (requests are small; this bounds abuse).
+const MAX_DECODING_MESSAGE: usize = 4 * 1024 * 1024;
+/// Largest gRPC message sent (batches are ~8k rows; leave room for wide rows).
+const MAX_ENCODING_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// A bound, ready-to-run gateway.
+#[derive(Debug)]
+pub struct Application {
+    node: Arc<Node>,
+    flight: TcpListener,
+    http: TcpListener,
+    flight_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Application {
+    /// Opens the node, creates demo data if asked, loads metadata and consent, binds listeners
+    /// and writes `<data-dir>/serve.json`.
+    pub async fn build(cfg: &GatewayConfig) -> Result<Self> {
+        cfg.validate()?;
+        let data_dir = cfg.data_dir.clone().unwrap_or_else(|| "passerelle-data".into());
+        let mut node = Node::open(&data_dir).await?;
+        if let Some(n) = Arc::get_mut(&mut node) {
+            n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
+        }
+        if cfg.demo.enabled {
+            crate::demo::ensure_demo(&node, cfg.demo.rows).await?;
+        }
+        node.refresh().await?;
+        let bind = |addr: String| async move {
+            TcpListener::bind(&addr).await.map_err(|source| Error::Io { op: "bind", path: addr, source })
+        };
+        let flight = bind(cfg.server.flight_addr.clone()).await?;
+        let http = bind(cfg.server.http_addr.clone()).await?;
+        let local = |l: &TcpListener| l.local_addr().map_err(|source| Error::Io { op: "local address", path: String::new(), source });
+        let (flight_addr, http_addr) = (local(&flight)?, local(&http)?);
+        let serve_json = serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string() });
+        let path = data_dir.join("serve.json");
+        let tmp = data_dir.join("serve.json.tmp");
+        std::fs::write(&tmp, serve_json.to_string()).map_err(|source| Error::Io { op: "write", path: tmp.display().to_string(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| Error::Io { op: "write", path: path.display().to_string(), source })?;
+        tracing::info!(%flight_addr, %http_addr, data_dir = %data_dir.display(), "listening");
+        Ok(Self { node, flight, http, flight_addr, http_addr })
+    }
+
+    /// The Flight address actually bound.
+    pub fn flight_addr(&self) -> SocketAddr {
+        self.flight_addr
+    }
+    /// The REST address actually bound.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+    /// The node (for tests and the CLI).
+    pub fn node(&self) -> Arc<Node> {
+        Arc::clone(&self.node)
+    }
+
+    /// Serves until `shutdown` becomes true.
+    pub async fn run_until_stopped(self, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let refresher = self.node.spawn_refresher(shutdown.clone());
+        let wait = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let svc = FlightServiceServer::new(FlightHandler::new(Arc::clone(&self.node)))
+            .max_decoding_message_size(MAX_DECODING_MESSAGE)
+            .max_encoding_message_size(MAX_ENCODING_MESSAGE);
+        let flight = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.flight), wait(shutdown.clone()));
+        let http = axum::serve(self.http, crate::admin::router(Arc::clone(&self.node))).with_graceful_shutdown(wait(shutdown.clone()));
+        let (f, h) = tokio::join!(flight, async { http.await });
+        refresher.abort();
+        f.map_err(|e| Error::Internal(format!("flight server: {e}")))?;
+        h.map_err(|source| Error::Io { op: "http server", path: String::new(), source })?;
+        Ok(())
+    }
+}
