@@ -17,22 +17,45 @@ use crate::spec::{Format, SourceSpec};
 /// that scans only the projected columns.
 pub async fn open(session: &dyn Session, spec: &SourceSpec) -> Result<Arc<dyn TableProvider>> {
     let location = spec.normalised_location()?;
-    let url = ListingTableUrl::parse(&location).map_err(|e| Error::InvalidLocation { location: location.clone(), reason: e.to_string() })?;
+    let url = ListingTableUrl::parse(&location).map_err(|e| Error::InvalidLocation {
+        location: location.clone(),
+        reason: e.to_string(),
+    })?;
     let file_format: Arc<dyn FileFormat> = match spec.format {
-        Format::Parquet => Arc::new(ParquetFormat::default()),
+        // Honour the session's Parquet settings (view types, filter pushdown) rather than the
+        // format's own defaults.
+        Format::Parquet => Arc::new(ParquetFormat::default().with_options(session.default_table_options().parquet)),
         Format::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
         Format::Ndjson => Arc::new(JsonFormat::default()),
         Format::Arrow => Arc::new(ArrowFormat),
     };
     // A single file keeps whatever extension it has; a directory lists files of the format's extension.
-    let extension = if location.ends_with('/') { spec.format.extension() } else { "" };
+    let extension = if location.ends_with('/') {
+        spec.format.extension()
+    } else {
+        ""
+    };
     let options = ListingOptions::new(file_format).with_file_extension(extension);
-    let schema = options.infer_schema(session, &url).await.map_err(|e| Error::ReadSchema { location: location.clone(), source: Box::new(e) })?;
+    let schema = options
+        .infer_schema(session, &url)
+        .await
+        .map_err(|e| Error::ReadSchema {
+            location: location.clone(),
+            source: Box::new(e),
+        })?;
     if schema.fields().is_empty() {
-        return Err(Error::NoFiles { location, format: spec.format.as_str() });
+        return Err(Error::NoFiles {
+            location,
+            format: spec.format.as_str(),
+        });
     }
-    let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
-    let table = ListingTable::try_new(config).map_err(|e| Error::ReadSchema { location, source: Box::new(e) })?;
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(schema);
+    let table = ListingTable::try_new(config).map_err(|e| Error::ReadSchema {
+        location,
+        source: Box::new(e),
+    })?;
     Ok(Arc::new(table))
 }
 
@@ -55,16 +78,28 @@ mod tests {
 
         let ctx = SessionContext::new();
         let state = ctx.state();
-        let spec = SourceSpec { location: format!("{}/", dir.path().display()), format: Format::Parquet };
+        let spec = SourceSpec {
+            location: format!("{}/", dir.path().display()),
+            format: Format::Parquet,
+        };
         let table = open(&state, &spec).await.unwrap();
         assert_eq!(table.schema().field(0).name(), "id");
 
         let empty = tempfile::tempdir().unwrap();
-        let spec = SourceSpec { location: format!("{}/", empty.path().display()), format: Format::Parquet };
+        let spec = SourceSpec {
+            location: format!("{}/", empty.path().display()),
+            format: Format::Parquet,
+        };
         let err = open(&state, &spec).await.unwrap_err().to_string();
-        assert!(err.contains("has no parquet files") || err.contains("cannot read"), "{err}");
+        assert!(
+            err.contains("has no parquet files") || err.contains("cannot read"),
+            "{err}"
+        );
 
-        let spec = SourceSpec { location: "relative/dir".into(), format: Format::Parquet };
+        let spec = SourceSpec {
+            location: "relative/dir".into(),
+            format: Format::Parquet,
+        };
         assert!(open(&state, &spec).await.unwrap_err().to_string().contains("absolute"));
     }
 }

@@ -82,7 +82,9 @@ impl SourceSpec {
             }),
             Some((scheme, _)) => Err(Error::InvalidLocation {
                 location: loc.to_string(),
-                reason: format!("scheme `{scheme}` is not configured on this node; use file:// (object stores come with [stores] configuration)"),
+                reason: format!(
+                    "scheme `{scheme}` is not configured on this node; use file:// (object stores come with [stores] configuration)"
+                ),
             }),
             None => Err(Error::InvalidLocation {
                 location: loc.to_string(),

@@ -30,7 +30,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/datasets", get(list_datasets).post(register_dataset))
         .route("/api/v1/datasets/{name}", get(show_dataset))
         .route("/api/v1/datasets/{name}/permits", post(add_permit))
-        .route("/api/v1/consent/{registry}/events", post(consent_events).layer(DefaultBodyLimit::max(CONSENT_BODY_LIMIT)))
+        .route(
+            "/api/v1/consent/{registry}/events",
+            post(consent_events).layer(DefaultBodyLimit::max(CONSENT_BODY_LIMIT)),
+        )
         .route("/api/v1/audit", get(audit))
         .fallback(|| async { Error::invalid("no such endpoint", "see the README for the REST API") })
         .with_state(node)
@@ -48,33 +51,46 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes, hint: &'static str) ->
 fn dataset_view(m: &Manifest, caller: &Principal) -> Value {
     let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
     let owner = caller.role == Role::Admin || (caller.role == Role::Steward && caller.org == m.controller);
-    if !owner {
-        if let Some(o) = v.as_object_mut() {
-            o.remove("location");
-        }
+    if !owner && let Some(o) = v.as_object_mut() {
+        o.remove("location");
     }
     v
 }
 
 async fn healthz(State(node): State<Arc<Node>>) -> Result<Json<Value>> {
     let version = node.meta.version().await?;
-    Ok(Json(json!({ "status": "ok", "metadata_version": version, "consent_version": node.consent.applied_seq() })))
+    Ok(Json(
+        json!({ "status": "ok", "metadata_version": version, "consent_version": node.consent.applied_seq() }),
+    ))
 }
 
 async fn list_datasets(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<Value>> {
     let who = caller(&node, &headers)?;
     let snap = node.snapshot();
-    let visible: Vec<Value> = snap.datasets.keys().filter_map(|n| snap.visible_dataset(&who, n).ok()).map(|m| dataset_view(&m, &who)).collect();
+    let visible: Vec<Value> = snap
+        .datasets
+        .keys()
+        .filter_map(|n| snap.visible_dataset(&who, n).ok())
+        .map(|m| dataset_view(&m, &who))
+        .collect();
     Ok(Json(Value::Array(visible)))
 }
 
-async fn show_dataset(State(node): State<Arc<Node>>, headers: HeaderMap, Path(name): Path<String>) -> Result<Json<Value>> {
+async fn show_dataset(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>> {
     let who = caller(&node, &headers)?;
     let m = node.snapshot().visible_dataset(&who, &name)?;
     Ok(Json(dataset_view(&m, &who)))
 }
 
-async fn register_dataset(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> Result<(StatusCode, Json<Value>)> {
+async fn register_dataset(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
     let who = caller(&node, &headers)?;
     let value: Value = parse_json(&body, "send the manifest as a JSON object")?;
     let manifest = Manifest::from_json(value)?;
@@ -93,27 +109,50 @@ struct PermitBody {
     expires: Option<String>,
 }
 
-async fn add_permit(State(node): State<Arc<Node>>, headers: HeaderMap, Path(name): Path<String>, body: Bytes) -> Result<(StatusCode, Json<Value>)> {
+async fn add_permit(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
     let who = caller(&node, &headers)?;
     let m = node.snapshot().visible_dataset(&who, &name)?;
     node.require_steward_of(&who, &m.controller)?;
-    let b: PermitBody = parse_json(&body, "send {\"org\": \"...\", \"purpose\": \"...\", \"expires\": \"RFC 3339, optional\"}")?;
+    let b: PermitBody = parse_json(
+        &body,
+        "send {\"org\": \"...\", \"purpose\": \"...\", \"expires\": \"RFC 3339, optional\"}",
+    )?;
     let purpose = Purpose::parse(&b.purpose)?;
     if !m.policy().allows_purpose(&purpose) {
-        return Err(Error::invalid(format!("dataset `{name}` is not registered for purpose `{purpose}`"), "permit a purpose listed in the dataset's manifest, or one of its sub-purposes"));
+        return Err(Error::invalid(
+            format!("dataset `{name}` is not registered for purpose `{purpose}`"),
+            "permit a purpose listed in the dataset's manifest, or one of its sub-purposes",
+        ));
     }
     let expires = b
         .expires
         .as_deref()
         .map(|e| DateTime::parse_from_rfc3339(e).map(|t| t.with_timezone(&Utc)))
         .transpose()
-        .map_err(|e| Error::invalid(format!("`expires` is not RFC 3339: {e}"), "write e.g. 2027-01-01T00:00:00Z"))?;
-    let permit = Permit { dataset: DatasetId::parse(&name)?, org: b.org, purpose, expires };
+        .map_err(|e| {
+            Error::invalid(
+                format!("`expires` is not RFC 3339: {e}"),
+                "write e.g. 2027-01-01T00:00:00Z",
+            )
+        })?;
+    let permit = Permit {
+        dataset: DatasetId::parse(&name)?,
+        org: b.org,
+        purpose,
+        expires,
+    };
     node.add_permit(&permit).await?;
     node.refresh().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "dataset": name, "org": permit.org, "purpose": permit.purpose.to_string(), "expires": b.expires })),
+        Json(
+            json!({ "dataset": name, "org": permit.org, "purpose": permit.purpose.to_string(), "expires": b.expires }),
+        ),
     ))
 }
 
@@ -136,7 +175,12 @@ pub(crate) fn check_registry_owner(node: &Node, who: &Principal, registry: &str)
     node.require_steward_of(who, &who.org)
 }
 
-async fn consent_events(State(node): State<Arc<Node>>, headers: HeaderMap, Path(registry): Path<String>, body: Bytes) -> Result<(StatusCode, Json<Value>)> {
+async fn consent_events(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(registry): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
     let who = caller(&node, &headers)?;
     check_registry_owner(&node, &who, &registry)?;
     let hint = "send a JSON array of {\"subject_id\", \"purpose\", \"status\": \"granted|withdrawn\", \"timestamp\": RFC 3339}";
@@ -149,13 +193,24 @@ async fn consent_events(State(node): State<Arc<Node>>, headers: HeaderMap, Path(
         let subject = match &e.subject_id {
             Value::String(s) => s.clone(),
             Value::Number(n) => n.to_string(),
-            _ => return Err(Error::invalid(format!("event {i}: subject_id must be a string or an integer"), hint)),
+            _ => {
+                return Err(Error::invalid(
+                    format!("event {i}: subject_id must be a string or an integer"),
+                    hint,
+                ));
+            }
         };
-        events.push(ConsentEvent::parse(&subject, &e.purpose, &e.status, &e.timestamp).map_err(|err| Error::invalid(format!("event {i}: {err}"), hint))?);
+        events.push(
+            ConsentEvent::parse(&subject, &e.purpose, &e.status, &e.timestamp)
+                .map_err(|err| Error::invalid(format!("event {i}: {err}"), hint))?,
+        );
     }
     let version = node.append_consent(&registry, &events).await?;
     node.refresh().await?;
-    Ok((StatusCode::CREATED, Json(json!({ "accepted": events.len(), "consent_version": version }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "accepted": events.len(), "consent_version": version })),
+    ))
 }
 
 async fn audit(
@@ -165,9 +220,16 @@ async fn audit(
 ) -> Result<Json<Value>> {
     let who = caller(&node, &headers)?;
     if !matches!(who.role, Role::Auditor | Role::Admin) {
-        return Err(Error::PermissionDenied { reason: format!("role `{}` may not read the audit log; auditors may", who.role.as_str()) });
+        return Err(Error::PermissionDenied {
+            reason: format!("role `{}` may not read the audit log; auditors may", who.role.as_str()),
+        });
     }
-    let Query(q) = query.map_err(|e| Error::invalid(format!("bad query string: {e}"), "use ?dataset=NAME&principal=NAME&limit=N"))?;
+    let Query(q) = query.map_err(|e| {
+        Error::invalid(
+            format!("bad query string: {e}"),
+            "use ?dataset=NAME&principal=NAME&limit=N",
+        )
+    })?;
     let rows = node.audit.list(&q).await?;
     Ok(Json(serde_json::to_value(rows).unwrap_or(Value::Null)))
 }

@@ -154,7 +154,10 @@ fn now_text() -> String {
 impl AuditLog {
     /// Creates the table and its guards if needed.
     pub async fn open(pool: SqlitePool) -> Result<Self> {
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(Error::store("create audit table"))?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(Error::store("create audit table"))?;
         Ok(Self { pool })
     }
 
@@ -216,8 +219,13 @@ impl AuditLog {
         if let Some(p) = &q.principal {
             qb.push(" AND principal = ").push_bind(p.clone());
         }
-        qb.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(q.limit.unwrap_or(1000).min(100_000)));
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(Error::store("list audit entries"))?;
+        qb.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(q.limit.unwrap_or(1000).min(100_000)));
+        let rows = qb
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list audit entries"))?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -254,7 +262,11 @@ mod tests {
 
     #[tokio::test]
     async fn entries_complete_once_and_are_never_deleted() {
-        let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
         let log = AuditLog::open(pool.clone()).await.unwrap();
         let e = AuditEntry {
             principal: "t".into(),
@@ -270,16 +282,59 @@ mod tests {
             consent_version: 3,
         };
         let id = log.append(&e, false).await.unwrap();
-        log.complete(id, Completion { rows_sent: 5, rows_withheld: 2, consent_version_last: 4, ok: true }).await.unwrap();
+        log.complete(
+            id,
+            Completion {
+                rows_sent: 5,
+                rows_withheld: 2,
+                consent_version_last: 4,
+                ok: true,
+            },
+        )
+        .await
+        .unwrap();
         // A second completion changes nothing.
-        log.complete(id, Completion { rows_sent: 0, rows_withheld: 0, consent_version_last: 0, ok: false }).await.unwrap();
+        log.complete(
+            id,
+            Completion {
+                rows_sent: 0,
+                rows_withheld: 0,
+                consent_version_last: 0,
+                ok: false,
+            },
+        )
+        .await
+        .unwrap();
         let rows = log.list(&AuditQuery::default()).await.unwrap();
-        assert_eq!((rows[0].rows_sent, rows[0].rows_withheld, rows[0].status.as_str()), (5, 2, "completed"));
+        assert_eq!(
+            (rows[0].rows_sent, rows[0].rows_withheld, rows[0].status.as_str()),
+            (5, 2, "completed")
+        );
         assert_eq!(rows[0].columns.as_deref(), Some(&["a".to_string()][..]));
         assert!(sqlx::query("DELETE FROM audit").execute(&pool).await.is_err());
-        assert!(sqlx::query("UPDATE audit SET principal = 'x'").execute(&pool).await.is_err());
+        assert!(
+            sqlx::query("UPDATE audit SET principal = 'x'")
+                .execute(&pool)
+                .await
+                .is_err()
+        );
         let denied = log.append(&AuditEntry { allow: false, ..e }, true).await.unwrap();
-        assert!(sqlx::query("UPDATE audit SET reason = 'x' WHERE id = ?").bind(denied).execute(&pool).await.is_err());
-        assert_eq!(log.list(&AuditQuery { principal: Some("nobody".into()), ..Default::default() }).await.unwrap().len(), 0);
+        assert!(
+            sqlx::query("UPDATE audit SET reason = 'x' WHERE id = ?")
+                .bind(denied)
+                .execute(&pool)
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            log.list(&AuditQuery {
+                principal: Some("nobody".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+            0
+        );
     }
 }

@@ -12,8 +12,10 @@ use subtle::ConstantTimeEq;
 use crate::error::{Error, Result};
 
 /// Standard base64 that accepts input with or without `=` padding (ADBC sends it unpadded).
-const BASE64_LENIENT: GeneralPurpose =
-    GeneralPurpose::new(&base64::alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent));
+const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// A new random API key.
 pub fn generate_key() -> String {
@@ -57,7 +59,9 @@ pub enum Credentials {
 
 /// Parses an `authorization` header value.
 pub fn parse_authorization(value: &str) -> Result<Credentials> {
-    let bad = Error::Unauthenticated { reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`" };
+    let bad = Error::Unauthenticated {
+        reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`",
+    };
     let (scheme, rest) = value.trim().split_once(' ').ok_or(Error::Unauthenticated {
         reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`",
     })?;
@@ -66,10 +70,19 @@ pub fn parse_authorization(value: &str) -> Result<Credentials> {
         return Ok(Credentials::Bearer(rest.to_string()));
     }
     if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = BASE64_LENIENT.decode(rest).map_err(|_| Error::Unauthenticated { reason: "basic credentials are not valid base64" })?;
-        let text = String::from_utf8(decoded).map_err(|_| Error::Unauthenticated { reason: "basic credentials are not UTF-8" })?;
-        let (name, key) = text.split_once(':').ok_or(Error::Unauthenticated { reason: "basic credentials must be `name:key`" })?;
-        return Ok(Credentials::Basic { name: name.to_string(), key: key.to_string() });
+        let decoded = BASE64_LENIENT.decode(rest).map_err(|_| Error::Unauthenticated {
+            reason: "basic credentials are not valid base64",
+        })?;
+        let text = String::from_utf8(decoded).map_err(|_| Error::Unauthenticated {
+            reason: "basic credentials are not UTF-8",
+        })?;
+        let (name, key) = text.split_once(':').ok_or(Error::Unauthenticated {
+            reason: "basic credentials must be `name:key`",
+        })?;
+        return Ok(Credentials::Basic {
+            name: name.to_string(),
+            key: key.to_string(),
+        });
     }
     Err(bad)
 }
@@ -80,12 +93,21 @@ mod tests {
 
     #[test]
     fn parses_bearer_and_basic_with_or_without_padding() {
-        assert_eq!(parse_authorization("Bearer abc").unwrap(), Credentials::Bearer("abc".into()));
+        assert_eq!(
+            parse_authorization("Bearer abc").unwrap(),
+            Credentials::Bearer("abc".into())
+        );
         let padded = base64::engine::general_purpose::STANDARD.encode("trainer-de:k1");
         let unpadded = padded.trim_end_matches('=');
         assert_ne!(padded, unpadded, "the example must exercise padding");
         for v in [padded.as_str(), unpadded] {
-            assert_eq!(parse_authorization(&format!("Basic {v}")).unwrap(), Credentials::Basic { name: "trainer-de".into(), key: "k1".into() });
+            assert_eq!(
+                parse_authorization(&format!("Basic {v}")).unwrap(),
+                Credentials::Basic {
+                    name: "trainer-de".into(),
+                    key: "k1".into()
+                }
+            );
         }
         for bad in ["", "Bearer", "Token x", "Basic !!!", "Basic bm9jb2xvbg"] {
             assert!(parse_authorization(bad).is_err(), "{bad}");

@@ -32,12 +32,18 @@ pub struct DataCommand {
     pub limit: Option<u64>,
 }
 
-const COMMAND_HINT: &str = "send {\"dataset\": \"name\", \"columns\": [..], \"filter\": \"sql expression\", \"limit\": n}";
+const COMMAND_HINT: &str =
+    "send {\"dataset\": \"name\", \"columns\": [..], \"filter\": \"sql expression\", \"limit\": n}";
 
 impl DataCommand {
     /// Parses the JSON form used in Flight descriptors.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| Error::invalid(format!("command is not valid JSON for a data request: {e}"), COMMAND_HINT))
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::invalid(
+                format!("command is not valid JSON for a data request: {e}"),
+                COMMAND_HINT,
+            )
+        })
     }
 }
 
@@ -90,18 +96,28 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
     let policy = Arc::new(manifest.policy());
     let decision = snap.authorizer.decide(principal, &policy, purpose, Utc::now())?;
     if !decision.allow {
-        return Err(Error::PermissionDenied { reason: decision.reason });
+        return Err(Error::PermissionDenied {
+            reason: decision.reason,
+        });
     }
     let check_column = |name: &str| -> Result<()> {
         match policy.columns.get(name).map(|c| c.class) {
-            None => Err(Error::invalid(format!("dataset `{}` has no column `{name}`", cmd.dataset), "use GetSchema to list the columns you may request")),
-            Some(ColumnClass::DirectIdentifier) => Err(Error::PermissionDenied { reason: format!("column `{name}` is a direct identifier and is never sent") }),
+            None => Err(Error::invalid(
+                format!("dataset `{}` has no column `{name}`", cmd.dataset),
+                "use GetSchema to list the columns you may request",
+            )),
+            Some(ColumnClass::DirectIdentifier) => Err(Error::PermissionDenied {
+                reason: format!("column `{name}` is a direct identifier and is never sent"),
+            }),
             Some(_) => Ok(()),
         }
     };
     if let Some(cols) = &cmd.columns {
         if cols.is_empty() {
-            return Err(Error::invalid("`columns` is empty", "omit `columns` to receive every column you may see"));
+            return Err(Error::invalid(
+                "`columns` is empty",
+                "omit `columns` to receive every column you may see",
+            ));
         }
         cols.iter().try_for_each(|c| check_column(c))?;
     }
@@ -112,21 +128,43 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
         let raw_df_schema = DFSchema::try_from(raw_schema.as_ref().clone())?;
-        let expr = ctx0.parse_sql_expr(filter, &raw_df_schema).map_err(|e| Error::invalid(format!("filter does not parse: {}", e.strip_backtrace()), "write a SQL boolean expression over the columns you may see"))?;
+        let expr = ctx0.parse_sql_expr(filter, &raw_df_schema).map_err(|e| {
+            Error::invalid(
+                format!("filter does not parse: {}", e.strip_backtrace()),
+                "write a SQL boolean expression over the columns you may see",
+            )
+        })?;
         for c in expr.column_refs() {
             check_column(&c.name)?;
         }
     }
 
-    let grant = Grant::new(&decision, Arc::clone(&policy), raw_schema, purpose.clone(), node.pseudonymiser(&principal.org), Arc::clone(&node.consent))?;
+    let grant = Grant::new(
+        &decision,
+        Arc::clone(&policy),
+        raw_schema,
+        purpose.clone(),
+        node.pseudonymiser(&principal.org),
+        Arc::clone(&node.consent),
+    )?;
     let counters = grant.counters();
     let consent_version = grant.consent_version();
     let table = GuardedTable::new(raw, grant);
     let ctx = guarded_context(vec![(cmd.dataset.clone(), table)])?;
     let mut df = ctx.table(cmd.dataset.as_str()).await?;
     if let Some(filter) = &cmd.filter {
-        let expr = df.parse_sql_expr(filter).map_err(|e| Error::invalid(format!("filter is not valid here: {}", e.strip_backtrace()), "write a SQL boolean expression over the columns you may see"))?;
-        df = df.filter(expr).map_err(|e| Error::invalid(format!("filter is not valid here: {}", e.strip_backtrace()), "the filter must be a boolean expression"))?;
+        let expr = df.parse_sql_expr(filter).map_err(|e| {
+            Error::invalid(
+                format!("filter is not valid here: {}", e.strip_backtrace()),
+                "write a SQL boolean expression over the columns you may see",
+            )
+        })?;
+        df = df.filter(expr).map_err(|e| {
+            Error::invalid(
+                format!("filter is not valid here: {}", e.strip_backtrace()),
+                "the filter must be a boolean expression",
+            )
+        })?;
     }
     if let Some(cols) = &cmd.columns {
         let names: Vec<&str> = cols.iter().map(String::as_str).collect();
@@ -136,5 +174,11 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
         df = df.limit(0, Some(usize::try_from(limit).unwrap_or(usize::MAX)))?;
     }
     let schema = Arc::new(df.schema().as_arrow().clone());
-    Ok(PlannedQuery { df, schema, counters, reason: decision.reason, consent_version })
+    Ok(PlannedQuery {
+        df,
+        schema,
+        counters,
+        reason: decision.reason,
+        consent_version,
+    })
 }

@@ -19,7 +19,12 @@ use crate::node::Node;
 #[command(name = "passerelle", version, about)]
 pub struct Cli {
     /// Data directory (database, keys, demo data); created on first use.
-    #[arg(long, global = true, env = "PASSERELLE_DATA_DIR", default_value = "./passerelle-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "PASSERELLE_DATA_DIR",
+        default_value = "./passerelle-data"
+    )]
     pub data_dir: PathBuf,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
@@ -176,7 +181,11 @@ fn print(json_mode: bool, value: serde_json::Value, human: impl FnOnce() -> Stri
 }
 
 /// Merges defaults, the config file, and flags.
-pub fn effective_config(cli: &Cli, config: Option<&PathBuf>, serve: Option<&ServeArgs>) -> anyhow::Result<GatewayConfig> {
+pub fn effective_config(
+    cli: &Cli,
+    config: Option<&PathBuf>,
+    serve: Option<&ServeArgs>,
+) -> anyhow::Result<GatewayConfig> {
     let mut cfg = match config {
         Some(p) => GatewayConfig::load(p).with_context(|| format!("loading {}", p.display()))?,
         None => GatewayConfig::default(),
@@ -208,34 +217,66 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let node = Node::open(&cli.data_dir).await.with_context(|| format!("opening data directory {}", cli.data_dir.display()))?;
+    let node = Node::open(&cli.data_dir)
+        .await
+        .with_context(|| format!("opening data directory {}", cli.data_dir.display()))?;
     match &cli.command {
         Command::Serve(_) | Command::Config(_) => bail!("not an admin command"),
-        Command::Principal(PrincipalCmd::Add { name, org, member_state, role }) => {
-            let p = Principal { name: name.clone(), org: org.clone(), member_state: member_state.clone(), role: Role::parse(role)? };
+        Command::Principal(PrincipalCmd::Add {
+            name,
+            org,
+            member_state,
+            role,
+        }) => {
+            let p = Principal {
+                name: name.clone(),
+                org: org.clone(),
+                member_state: member_state.clone(),
+                role: Role::parse(role)?,
+            };
             let key = node.add_principal(&p).await?;
-            print(j, json!({ "name": name, "org": org, "member_state": member_state, "role": role, "key": key }), || {
-                format!("principal `{name}` added.\nAPI key (shown once, store it now): {key}")
-            });
+            print(
+                j,
+                json!({ "name": name, "org": org, "member_state": member_state, "role": role, "key": key }),
+                || format!("principal `{name}` added.\nAPI key (shown once, store it now): {key}"),
+            );
         }
         Command::Dataset(DatasetCmd::Register { manifest }) => {
             let text = std::fs::read_to_string(manifest).with_context(|| format!("reading {}", manifest.display()))?;
             let m = Manifest::from_toml(&text)?;
             node.register_dataset(&m).await?;
-            print(j, serde_json::to_value(&m)?, || format!("dataset `{}` registered ({} columns classified)", m.name, m.columns.len()));
+            print(j, serde_json::to_value(&m)?, || {
+                format!(
+                    "dataset `{}` registered ({} columns classified)",
+                    m.name,
+                    m.columns.len()
+                )
+            });
         }
         Command::Dataset(DatasetCmd::List) => {
             let all = node.meta.datasets().await?;
             print(j, serde_json::to_value(&all)?, || {
-                all.iter().map(|m| format!("{}\t{}\t{}\t{}", m.name, m.member_state, m.controller, m.location)).collect::<Vec<_>>().join("\n")
+                all.iter()
+                    .map(|m| format!("{}\t{}\t{}\t{}", m.name, m.member_state, m.controller, m.location))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             });
         }
         Command::Dataset(DatasetCmd::Show { name }) => {
             let all = node.meta.datasets().await?;
-            let Some(m) = all.into_iter().find(|m| m.name.as_str() == name) else { bail!("dataset `{name}` not found") };
-            print(j, serde_json::to_value(&m)?, || toml::to_string_pretty(&m).unwrap_or_default());
+            let Some(m) = all.into_iter().find(|m| m.name.as_str() == name) else {
+                bail!("dataset `{name}` not found")
+            };
+            print(j, serde_json::to_value(&m)?, || {
+                toml::to_string_pretty(&m).unwrap_or_default()
+            });
         }
-        Command::Permit(PermitCmd::Add { dataset, org, purpose, expires }) => {
+        Command::Permit(PermitCmd::Add {
+            dataset,
+            org,
+            purpose,
+            expires,
+        }) => {
             let expires_at: Option<DateTime<Utc>> = expires
                 .as_deref()
                 .map(|e| DateTime::parse_from_rfc3339(e).map(|t| t.with_timezone(&Utc)))
@@ -243,37 +284,89 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
                 .context("--expires must be RFC 3339, e.g. 2027-01-01T00:00:00Z")?;
             let purpose = Purpose::parse(purpose)?;
             let all = node.meta.datasets().await?;
-            let Some(m) = all.iter().find(|m| m.name.as_str() == dataset) else { bail!("dataset `{dataset}` not found") };
+            let Some(m) = all.iter().find(|m| m.name.as_str() == dataset) else {
+                bail!("dataset `{dataset}` not found")
+            };
             if !m.policy().allows_purpose(&purpose) {
-                bail!("dataset `{dataset}` is not registered for purpose `{purpose}`; permit one of its purposes or a sub-purpose");
+                bail!(
+                    "dataset `{dataset}` is not registered for purpose `{purpose}`; permit one of its purposes or a sub-purpose"
+                );
             }
-            node.add_permit(&Permit { dataset: DatasetId::parse(dataset)?, org: org.clone(), purpose: purpose.clone(), expires: expires_at }).await?;
-            print(j, json!({ "dataset": dataset, "org": org, "purpose": purpose.to_string(), "expires": expires }), || {
-                format!("permit added: `{org}` may use `{dataset}` for `{purpose}`")
-            });
+            node.add_permit(&Permit {
+                dataset: DatasetId::parse(dataset)?,
+                org: org.clone(),
+                purpose: purpose.clone(),
+                expires: expires_at,
+            })
+            .await?;
+            print(
+                j,
+                json!({ "dataset": dataset, "org": org, "purpose": purpose.to_string(), "expires": expires }),
+                || format!("permit added: `{org}` may use `{dataset}` for `{purpose}`"),
+            );
         }
         Command::Consent(ConsentCmd::Import { registry, file }) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
             let events = crate::demo::parse_consent_csv(&text)?;
             let started = std::time::Instant::now();
             let version = node.append_consent(registry, &events).await?;
-            print(j, json!({ "registry": registry, "imported": events.len(), "consent_version": version }), || {
-                format!("imported {} events into `{registry}` in {:.2?} (consent version {version})", events.len(), started.elapsed())
-            });
+            print(
+                j,
+                json!({ "registry": registry, "imported": events.len(), "consent_version": version }),
+                || {
+                    format!(
+                        "imported {} events into `{registry}` in {:.2?} (consent version {version})",
+                        events.len(),
+                        started.elapsed()
+                    )
+                },
+            );
         }
-        Command::Consent(ConsentCmd::Withdraw { registry, subject, purpose }) => {
+        Command::Consent(ConsentCmd::Withdraw {
+            registry,
+            subject,
+            purpose,
+        }) => {
             let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
             let event = ConsentEvent::parse(subject, purpose, "withdrawn", &now)?;
             let version = node.append_consent(registry, std::slice::from_ref(&event)).await?;
-            print(j, json!({ "registry": registry, "subject": subject, "purpose": purpose, "consent_version": version }), || {
-                format!("withdrawal recorded (consent version {version}); running servers apply it within a second")
-            });
+            print(
+                j,
+                json!({ "registry": registry, "subject": subject, "purpose": purpose, "consent_version": version }),
+                || format!("withdrawal recorded (consent version {version}); running servers apply it within a second"),
+            );
         }
-        Command::Audit(AuditCmd::List { dataset, principal, limit }) => {
-            let rows = node.audit.list(&AuditQuery { dataset: dataset.clone(), principal: principal.clone(), limit: Some(*limit) }).await?;
+        Command::Audit(AuditCmd::List {
+            dataset,
+            principal,
+            limit,
+        }) => {
+            let rows = node
+                .audit
+                .list(&AuditQuery {
+                    dataset: dataset.clone(),
+                    principal: principal.clone(),
+                    limit: Some(*limit),
+                })
+                .await?;
             print(j, serde_json::to_value(&rows)?, || {
                 rows.iter()
-                    .map(|r| format!("{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\tsent={}\twithheld={}\t{}", r.id, r.time, r.principal, r.action, r.dataset, r.purpose, r.decision, r.status, r.rows_sent, r.rows_withheld, r.reason))
+                    .map(|r| {
+                        format!(
+                            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\tsent={}\twithheld={}\t{}",
+                            r.id,
+                            r.time,
+                            r.principal,
+                            r.action,
+                            r.dataset,
+                            r.purpose,
+                            r.decision,
+                            r.status,
+                            r.rows_sent,
+                            r.rows_withheld,
+                            r.reason
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             });

@@ -20,7 +20,10 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        Self { flight_addr: "127.0.0.1:50051".into(), http_addr: "127.0.0.1:8080".into() }
+        Self {
+            flight_addr: "127.0.0.1:50051".into(),
+            http_addr: "127.0.0.1:8080".into(),
+        }
     }
 }
 
@@ -50,7 +53,10 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self { enabled: false, rows: 1_000_000 }
+        Self {
+            enabled: false,
+            rows: 1_000_000,
+        }
     }
 }
 
@@ -71,24 +77,45 @@ pub struct GatewayConfig {
 impl GatewayConfig {
     /// Loads a TOML file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { op: "read config", path: path.display().to_string(), source })?;
-        Self::from_toml(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display()), "see deploy/config/*.example.toml"))
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            op: "read config",
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display()), "see deploy/config/*.example.toml"))
     }
 
     /// Parses TOML.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).map_err(|e| Error::invalid(format!("config does not parse: {e}"), "see deploy/config/*.example.toml"))?;
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            Error::invalid(
+                format!("config does not parse: {e}"),
+                "see deploy/config/*.example.toml",
+            )
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Cross-field checks after all layers are merged.
     pub fn validate(&self) -> Result<()> {
-        for (name, addr) in [("server.flight_addr", &self.server.flight_addr), ("server.http_addr", &self.server.http_addr)] {
-            addr.parse::<std::net::SocketAddr>().map_err(|e| Error::invalid(format!("{name} = `{addr}` is not host:port ({e})"), "write e.g. 127.0.0.1:50051"))?;
+        for (name, addr) in [
+            ("server.flight_addr", &self.server.flight_addr),
+            ("server.http_addr", &self.server.http_addr),
+        ] {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                Error::invalid(
+                    format!("{name} = `{addr}` is not host:port ({e})"),
+                    "write e.g. 127.0.0.1:50051",
+                )
+            })?;
         }
         if self.tickets.ttl_secs == 0 || self.tickets.ttl_secs > 86_400 {
-            return Err(Error::invalid("tickets.ttl_secs must be between 1 and 86400", "tickets are short-lived by design"));
+            return Err(Error::invalid(
+                "tickets.ttl_secs must be between 1 and 86400",
+                "tickets are short-lived by design",
+            ));
         }
         if self.demo.rows == 0 {
             return Err(Error::invalid("demo.rows must be at least 1", "the default is 1000000"));
@@ -111,7 +138,12 @@ mod tests {
         GatewayConfig::default().validate().unwrap();
         let cfg = GatewayConfig::from_toml("[server]\nflight_addr = \"0.0.0.0:0\"\n").unwrap();
         assert_eq!(cfg.server.flight_addr, "0.0.0.0:0");
-        assert!(GatewayConfig::from_toml("[server]\nflight_adr = \"x\"\n").unwrap_err().to_string().contains("unknown field"));
+        assert!(
+            GatewayConfig::from_toml("[server]\nflight_adr = \"x\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field")
+        );
         assert!(GatewayConfig::from_toml("[server]\nflight_addr = \"nope\"\n").is_err());
         let round = GatewayConfig::from_toml(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(round, cfg);

@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -34,8 +36,13 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-const FIRST: &[&str] = &["Marie", "Jean", "Camille", "Lucas", "Léa", "Hugo", "Chloé", "Louis", "Emma", "Gabriel", "Inès", "Arthur"];
-const LAST: &[&str] = &["Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand", "Leroy", "Moreau", "Simon", "Laurent"];
+const FIRST: &[&str] = &[
+    "Marie", "Jean", "Camille", "Lucas", "Léa", "Hugo", "Chloé", "Louis", "Emma", "Gabriel", "Inès", "Arthur",
+];
+const LAST: &[&str] = &[
+    "Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand", "Leroy", "Moreau", "Simon",
+    "Laurent",
+];
 const DIAGNOSES: &[&str] = &["E11.9", "E10.9", "E11.65", "I10", "E78.5", "N18.3", "E66.9", "R73.03"];
 
 /// Number of subjects for `rows` rows (about two admissions each).
@@ -46,17 +53,38 @@ pub fn subjects_for(rows: usize) -> u64 {
 fn batch(schema: &Arc<Schema>, start: usize, len: usize, subjects: u64) -> Result<RecordBatch> {
     const EPOCH_2018_US: i64 = 1_514_764_800_000_000;
     const SIX_YEARS_US: u64 = 6 * 365 * 86_400 * 1_000_000;
-    let ids: Vec<i64> = (start..start + len).map(|i| (mix(i as u64) % subjects) as i64 + 1).collect();
-    let names: Vec<String> = ids.iter().map(|&s| {
-        let h = mix(s as u64 ^ 0xA11CE);
-        format!("{} {}", FIRST[(h % FIRST.len() as u64) as usize], LAST[((h >> 8) % LAST.len() as u64) as usize])
-    }).collect();
+    let ids: Vec<i64> = (start..start + len)
+        .map(|i| (mix(i as u64) % subjects) as i64 + 1)
+        .collect();
+    let names: Vec<String> = ids
+        .iter()
+        .map(|&s| {
+            let h = mix(s as u64 ^ 0xA11CE);
+            format!(
+                "{} {}",
+                FIRST[(h % FIRST.len() as u64) as usize],
+                LAST[((h >> 8) % LAST.len() as u64) as usize]
+            )
+        })
+        .collect();
     // Born 1930-01-01 .. 2009-12-31 (days since epoch -14610 .. 14609).
-    let births: Vec<i32> = ids.iter().map(|&s| (mix(s as u64 ^ 0xB1B) % 29_220) as i32 - 14_610).collect();
-    let postcodes: Vec<String> = ids.iter().map(|&s| format!("{:05}", 1_000 + mix(s as u64 ^ 0x9057) % 94_000)).collect();
-    let diagnoses: Vec<&str> = (start..start + len).map(|i| DIAGNOSES[(mix(i as u64 ^ 0xD1A) % DIAGNOSES.len() as u64) as usize]).collect();
-    let hba1c: Vec<f64> = (start..start + len).map(|i| (45 + mix(i as u64 ^ 0x4BA) % 80) as f64 / 10.0).collect();
-    let admitted: Vec<i64> = (start..start + len).map(|i| EPOCH_2018_US + (mix(i as u64 ^ 0xADD) % SIX_YEARS_US) as i64).collect();
+    let births: Vec<i32> = ids
+        .iter()
+        .map(|&s| (mix(s as u64 ^ 0xB1B) % 29_220) as i32 - 14_610)
+        .collect();
+    let postcodes: Vec<String> = ids
+        .iter()
+        .map(|&s| format!("{:05}", 1_000 + mix(s as u64 ^ 0x9057) % 94_000))
+        .collect();
+    let diagnoses: Vec<&str> = (start..start + len)
+        .map(|i| DIAGNOSES[(mix(i as u64 ^ 0xD1A) % DIAGNOSES.len() as u64) as usize])
+        .collect();
+    let hba1c: Vec<f64> = (start..start + len)
+        .map(|i| (45 + mix(i as u64 ^ 0x4BA) % 80) as f64 / 10.0)
+        .collect();
+    let admitted: Vec<i64> = (start..start + len)
+        .map(|i| EPOCH_2018_US + (mix(i as u64 ^ 0xADD) % SIX_YEARS_US) as i64)
+        .collect();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(Int64Array::from(ids)),
         Arc::new(StringArray::from(names)),
@@ -78,19 +106,32 @@ pub fn schema() -> Arc<Schema> {
         Field::new("postcode", DataType::Utf8, false),
         Field::new("diagnosis", DataType::Utf8, false),
         Field::new("hba1c", DataType::Float64, false),
-        Field::new("admitted_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "admitted_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ]))
 }
 
 /// Writes `rows` deterministic rows to a Parquet file.
 pub fn write_parquet(path: &Path, rows: usize) -> Result<()> {
-    let io = |op: &'static str| move |source| Error::Io { op, path: path.display().to_string(), source };
+    let io = |op: &'static str| {
+        move |source| Error::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("create directory"))?;
     }
     let tmp = path.with_extension("parquet.tmp");
     let file = std::fs::File::create(&tmp).map_err(io("create file"))?;
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).set_max_row_group_row_count(Some(128 * 1024)).build();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .build();
     let schema = schema();
     let pq = |e: parquet::errors::ParquetError| Error::Internal(format!("write demo parquet: {e}"));
     let mut w = ArrowWriter::try_new(file, Arc::clone(&schema), Some(props)).map_err(pq)?;
@@ -142,11 +183,17 @@ pub fn consent_csv(subjects: u64) -> String {
 
 /// Parses consent CSV (`subject_id,purpose,status,timestamp`), naming the line of any error.
 pub fn parse_consent_csv(text: &str) -> Result<Vec<ConsentEvent>> {
-    let hint = "the header is subject_id,purpose,status,timestamp; status is granted or withdrawn; timestamps are RFC 3339";
+    let hint =
+        "the header is subject_id,purpose,status,timestamp; status is granted or withdrawn; timestamps are RFC 3339";
     let mut lines = text.lines().enumerate();
     match lines.next() {
         Some((_, h)) if h.trim().trim_start_matches('\u{feff}') == "subject_id,purpose,status,timestamp" => {}
-        _ => return Err(Error::invalid("consent CSV must start with the header `subject_id,purpose,status,timestamp`", hint)),
+        _ => {
+            return Err(Error::invalid(
+                "consent CSV must start with the header `subject_id,purpose,status,timestamp`",
+                hint,
+            ));
+        }
     }
     let mut events = Vec::new();
     for (i, line) in lines {
@@ -155,9 +202,15 @@ pub fn parse_consent_csv(text: &str) -> Result<Vec<ConsentEvent>> {
         }
         let fields: Vec<&str> = line.split(',').collect();
         if fields.len() != 4 {
-            return Err(Error::invalid(format!("line {}: expected 4 fields, found {}", i + 1, fields.len()), hint));
+            return Err(Error::invalid(
+                format!("line {}: expected 4 fields, found {}", i + 1, fields.len()),
+                hint,
+            ));
         }
-        events.push(ConsentEvent::parse(fields[0], fields[1], fields[2], fields[3]).map_err(|e| Error::invalid(format!("line {}: {e}", i + 1), hint))?);
+        events.push(
+            ConsentEvent::parse(fields[0], fields[1], fields[2], fields[3])
+                .map_err(|e| Error::invalid(format!("line {}: {e}", i + 1), hint))?,
+        );
     }
     Ok(events)
 }
@@ -202,7 +255,10 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
     let data = demo.join("patients");
     let started = std::time::Instant::now();
     write_parquet(&data.join("patients.parquet"), rows)?;
-    let location = format!("file://{}/", std::fs::canonicalize(&data).map_err(io("resolve", &data))?.display());
+    let location = format!(
+        "file://{}/",
+        std::fs::canonicalize(&data).map_err(io("resolve", &data))?.display()
+    );
     let toml = manifest_toml(&location);
     let manifest_path = demo.join("demo_patients.toml");
     std::fs::write(&manifest_path, &toml).map_err(io("write", &manifest_path))?;
@@ -220,17 +276,34 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
     ];
     let mut keys = serde_json::Map::new();
     for (name, org, ms, role) in people {
-        let p = Principal { name: name.into(), org: org.into(), member_state: ms.into(), role };
+        let p = Principal {
+            name: name.into(),
+            org: org.into(),
+            member_state: ms.into(),
+            role,
+        };
         let key = node.add_principal(&p).await.map_err(|e| match e {
             Error::AlreadyExists { .. } => Error::invalid(
-                format!("the data directory `{}` holds part of an earlier demo but no demo-keys.json", dir.display()),
+                format!(
+                    "the data directory `{}` holds part of an earlier demo but no demo-keys.json",
+                    dir.display()
+                ),
                 "remove the data directory (or point --data-dir elsewhere) and start again",
             ),
             other => other,
         })?;
-        keys.insert(name.into(), json!({ "key": key, "org": org, "member_state": ms, "role": role.as_str() }));
+        keys.insert(
+            name.into(),
+            json!({ "key": key, "org": org, "member_state": ms, "role": role.as_str() }),
+        );
     }
-    node.add_permit(&Permit { dataset: DatasetId::parse(DEMO_DATASET)?, org: "dkfz".into(), purpose: Purpose::parse("research/ai-training")?, expires: None }).await?;
+    node.add_permit(&Permit {
+        dataset: DatasetId::parse(DEMO_DATASET)?,
+        org: "dkfz".into(),
+        purpose: Purpose::parse("research/ai-training")?,
+        expires: None,
+    })
+    .await?;
 
     let body = serde_json::to_vec_pretty(&keys).map_err(|e| Error::Internal(e.to_string()))?;
     let tmp = keys_path.with_extension("tmp");
@@ -245,7 +318,11 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
         f.sync_all().map_err(io("sync", &tmp))?;
     }
     std::fs::rename(&tmp, &keys_path).map_err(io("install", &keys_path))?;
-    tracing::info!(rows, elapsed_ms = started.elapsed().as_millis() as u64, "demo data created");
+    tracing::info!(
+        rows,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "demo data created"
+    );
     Ok(true)
 }
 
@@ -275,7 +352,9 @@ mod tests {
         let events = parse_consent_csv(&csv).unwrap();
         assert!(events.len() > 8_000);
         assert!(parse_consent_csv("subject_id,purpose\n").is_err());
-        let err = parse_consent_csv("subject_id,purpose,status,timestamp\n1,research,maybe,2024-01-01T00:00:00Z\n").unwrap_err().to_string();
+        let err = parse_consent_csv("subject_id,purpose,status,timestamp\n1,research,maybe,2024-01-01T00:00:00Z\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2"), "{err}");
     }
 

@@ -110,12 +110,18 @@ pub enum Error {
 impl Error {
     /// Shorthand for an invalid-argument error with a hint.
     pub fn invalid(message: impl Into<String>, hint: &'static str) -> Self {
-        Error::InvalidArgument { message: message.into(), hint }
+        Error::InvalidArgument {
+            message: message.into(),
+            hint,
+        }
     }
 
     /// Wraps a sqlx error with the operation that failed.
     pub fn store(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
-        move |source| Error::Store { op, source: Box::new(source) }
+        move |source| Error::Store {
+            op,
+            source: Box::new(source),
+        }
     }
 
     /// The status class, decided once here.
@@ -232,14 +238,17 @@ mod tests {
     fn is_send_sync_and_small() {
         fn assert_send_sync<T: Send + Sync + 'static>() {}
         assert_send_sync::<Error>();
-        assert!(std::mem::size_of::<Error>() <= 72, "{}", std::mem::size_of::<Error>());
+        assert!(size_of::<Error>() <= 64, "{}", size_of::<Error>());
     }
 
     #[test]
     fn classes_map_once() {
         let e = Error::DatasetNotFound { name: "x".into() };
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
-        let e: Error = DataFusionError::External(Box::new(passerelle_policies::Error::AccessDenied { reason: "r".into() })).into();
+        let e: Error = DataFusionError::External(Box::new(passerelle_policies::Error::AccessDenied {
+            reason: "r".into(),
+        }))
+        .into();
         assert_eq!(e.status(), StatusClass::PermissionDenied);
         let e: Error = DataFusionError::ArrowError(Box::new(arrow::error::ArrowError::DivideByZero), None).into();
         assert_eq!(e.status(), StatusClass::InvalidArgument);

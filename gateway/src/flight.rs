@@ -14,8 +14,8 @@ use arrow_flight::error::FlightError;
 use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
-    PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
 };
 use datafusion::error::DataFusionError;
 use datafusion::physical_plan::SendableRecordBatchStream;
@@ -53,11 +53,20 @@ fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
 fn command_from_descriptor(desc: &FlightDescriptor) -> Result<DataCommand> {
     match DescriptorType::try_from(desc.r#type) {
         Ok(DescriptorType::Path) => match desc.path.as_slice() {
-            [name] => Ok(DataCommand { dataset: name.clone(), ..Default::default() }),
-            _ => Err(Error::invalid("a path descriptor must have exactly one element, the dataset name", "use FlightDescriptor.for_path(\"dataset\")")),
+            [name] => Ok(DataCommand {
+                dataset: name.clone(),
+                ..Default::default()
+            }),
+            _ => Err(Error::invalid(
+                "a path descriptor must have exactly one element, the dataset name",
+                "use FlightDescriptor.for_path(\"dataset\")",
+            )),
         },
         Ok(DescriptorType::Cmd) => DataCommand::from_json(&desc.cmd),
-        _ => Err(Error::invalid("unknown descriptor type", "use a path or a JSON command descriptor")),
+        _ => Err(Error::invalid(
+            "unknown descriptor type",
+            "use a path or a JSON command descriptor",
+        )),
     }
 }
 
@@ -70,21 +79,50 @@ impl FlightHandler {
     fn caller(&self, md: &MetadataMap) -> Result<Caller> {
         let principal = self.node.authenticate(header(md, "authorization"))?;
         let purpose = header(md, PURPOSE_HEADER).ok_or_else(|| {
-            Error::invalid(format!("missing `{PURPOSE_HEADER}` header"), "declare the purpose of this access, e.g. x-passerelle-purpose: research/ai-training")
+            Error::invalid(
+                format!("missing `{PURPOSE_HEADER}` header"),
+                "declare the purpose of this access, e.g. x-passerelle-purpose: research/ai-training",
+            )
         })?;
-        let purpose = Purpose::parse(purpose).map_err(|e| Error::invalid(format!("`{PURPOSE_HEADER}`: {e}"), "purposes are slash-separated lowercase paths"))?;
+        let purpose = Purpose::parse(purpose).map_err(|e| {
+            Error::invalid(
+                format!("`{PURPOSE_HEADER}`: {e}"),
+                "purposes are slash-separated lowercase paths",
+            )
+        })?;
         Ok(Caller { principal, purpose })
     }
 
     /// Appends an audit entry; failures to audit fail the request (no unaudited access).
-    async fn audit(&self, md: &MetadataMap, caller: Option<&Caller>, action: audit::Action, cmd: Option<&DataCommand>, outcome: std::result::Result<&str, &Error>, final_entry: bool) -> Result<i64> {
+    async fn audit(
+        &self,
+        md: &MetadataMap,
+        caller: Option<&Caller>,
+        action: audit::Action,
+        cmd: Option<&DataCommand>,
+        outcome: std::result::Result<&str, &Error>,
+        final_entry: bool,
+    ) -> Result<i64> {
         let (principal, organisation, member_state) = match caller {
-            Some(c) => (c.principal.name.clone(), c.principal.org.clone(), c.principal.member_state.clone()),
+            Some(c) => (
+                c.principal.name.clone(),
+                c.principal.org.clone(),
+                c.principal.member_state.clone(),
+            ),
             None => ("(unauthenticated)".to_string(), String::new(), String::new()),
         };
-        let purpose = caller.map(|c| c.purpose.to_string()).or_else(|| header(md, PURPOSE_HEADER).map(str::to_string)).unwrap_or_default();
+        let purpose = caller
+            .map(|c| c.purpose.to_string())
+            .or_else(|| header(md, PURPOSE_HEADER).map(str::to_string))
+            .unwrap_or_default();
         let registry_version = cmd
-            .and_then(|c| self.node.snapshot().datasets.get(&c.dataset).map(|m| m.policy().consent_registry))
+            .and_then(|c| {
+                self.node
+                    .snapshot()
+                    .datasets
+                    .get(&c.dataset)
+                    .map(|m| m.policy().consent_registry)
+            })
             .map_or(0, |r| self.node.consent.registry_version(&r));
         let entry = AuditEntry {
             principal,
@@ -106,7 +144,12 @@ impl FlightHandler {
     }
 
     /// Authenticates, parses and plans; audits denials. Returns the caller and the plan.
-    async fn decide(&self, md: &MetadataMap, action: audit::Action, cmd: std::result::Result<DataCommand, Error>) -> Result<(Caller, DataCommand, PlannedQuery)> {
+    async fn decide(
+        &self,
+        md: &MetadataMap,
+        action: audit::Action,
+        cmd: std::result::Result<DataCommand, Error>,
+    ) -> Result<(Caller, DataCommand, PlannedQuery)> {
         let caller = match self.caller(md) {
             Ok(c) => c,
             Err(e) => {
@@ -130,7 +173,14 @@ impl FlightHandler {
         }
     }
 
-    fn flight_info(&self, caller: &Caller, cmd: &DataCommand, planned: &PlannedQuery, desc: FlightDescriptor, with_ticket: bool) -> Result<FlightInfo> {
+    fn flight_info(
+        &self,
+        caller: &Caller,
+        cmd: &DataCommand,
+        planned: &PlannedQuery,
+        desc: FlightDescriptor,
+        with_ticket: bool,
+    ) -> Result<FlightInfo> {
         let mut info = FlightInfo::new()
             .try_with_schema(&planned.schema)
             .map_err(|e| Error::Internal(format!("encode schema: {e}")))?
@@ -185,8 +235,17 @@ impl AuditedStream {
         }
         self.done = true;
         let (_, _, dropped) = self.counters.rows();
-        let last = self.counters.last_consent_version.load(Ordering::Relaxed).max(self.start_version);
-        let completion = Completion { rows_sent: self.sent.load(Ordering::Relaxed), rows_withheld: dropped, consent_version_last: last, ok };
+        let last = self
+            .counters
+            .last_consent_version
+            .load(Ordering::Relaxed)
+            .max(self.start_version);
+        let completion = Completion {
+            rows_sent: self.sent.load(Ordering::Relaxed),
+            rows_withheld: dropped,
+            consent_version_last: last,
+            ok,
+        };
         let (audit, id) = (self.audit.clone(), self.id);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
@@ -231,64 +290,121 @@ impl FlightService for FlightHandler {
     type ListActionsStream = BoxStream<'static, std::result::Result<ActionType, Status>>;
     type DoExchangeStream = BoxStream<'static, std::result::Result<FlightData, Status>>;
 
-    async fn handshake(&self, request: Request<Streaming<HandshakeRequest>>) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
+    async fn handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
         let md = request.metadata();
-        let value = header(md, "authorization").ok_or(Error::Unauthenticated { reason: "missing authorization header" })?;
+        let value = header(md, "authorization").ok_or(Error::Unauthenticated {
+            reason: "missing authorization header",
+        })?;
         let principal = self.node.authenticate(Some(value))?;
         let key = match crate::auth::parse_authorization(value)? {
             crate::auth::Credentials::Bearer(k) => k,
             crate::auth::Credentials::Basic { key, .. } => key,
         };
         tracing::info!(principal = %principal.name, "handshake");
-        let bearer = format!("Bearer {key}").parse().map_err(|_| Status::invalid_argument("key contains characters not allowed in a header"))?;
-        let out = futures::stream::iter([Ok(HandshakeResponse { protocol_version: 0, payload: Default::default() })]);
+        let bearer = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| Status::invalid_argument("key contains characters not allowed in a header"))?;
+        let out = futures::stream::iter([Ok(HandshakeResponse {
+            protocol_version: 0,
+            payload: Default::default(),
+        })]);
         let mut resp = Response::new(out.boxed());
         resp.metadata_mut().insert("authorization", bearer);
         Ok(resp)
     }
 
-    async fn list_flights(&self, request: Request<Criteria>) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(
+        &self,
+        request: Request<Criteria>,
+    ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
         let md = request.metadata().clone();
         let caller = match self.caller(&md) {
             Ok(c) => c,
             Err(e) => {
-                self.audit(&md, None, audit::Action::ListFlights, None, Err(&e), true).await?;
+                self.audit(&md, None, audit::Action::ListFlights, None, Err(&e), true)
+                    .await?;
                 return Err(e.into());
             }
         };
         let mut infos = Vec::new();
         for name in self.node.snapshot().datasets.keys() {
-            let cmd = DataCommand { dataset: name.clone(), ..Default::default() };
+            let cmd = DataCommand {
+                dataset: name.clone(),
+                ..Default::default()
+            };
             // Only datasets the caller may pull for this purpose are listed; a dataset whose
             // source is broken is skipped here and reported when asked for by name.
             if let Ok(planned) = catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
-                infos.push(Ok(self.flight_info(&caller, &cmd, &planned, FlightDescriptor::new_path(vec![name.clone()]), false)?));
+                infos.push(Ok(self.flight_info(
+                    &caller,
+                    &cmd,
+                    &planned,
+                    FlightDescriptor::new_path(vec![name.clone()]),
+                    false,
+                )?));
             }
         }
         let reason = format!("listed {} dataset(s)", infos.len());
-        self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Ok(&reason), true).await?;
+        self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Ok(&reason), true)
+            .await?;
         Ok(Response::new(futures::stream::iter(infos).boxed()))
     }
 
-    async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> std::result::Result<Response<FlightInfo>, Status> {
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
         let md = request.metadata().clone();
         let desc = request.into_inner();
-        let (caller, cmd, planned) = self.decide(&md, audit::Action::GetFlightInfo, command_from_descriptor(&desc)).await?;
+        let (caller, cmd, planned) = self
+            .decide(&md, audit::Action::GetFlightInfo, command_from_descriptor(&desc))
+            .await?;
         let info = self.flight_info(&caller, &cmd, &planned, desc, true)?;
-        self.audit(&md, Some(&caller), audit::Action::GetFlightInfo, Some(&cmd), Ok(&planned.reason), true).await?;
+        self.audit(
+            &md,
+            Some(&caller),
+            audit::Action::GetFlightInfo,
+            Some(&cmd),
+            Ok(&planned.reason),
+            true,
+        )
+        .await?;
         Ok(Response::new(info))
     }
 
-    async fn poll_flight_info(&self, _request: Request<FlightDescriptor>) -> std::result::Result<Response<PollInfo>, Status> {
-        Err(Status::unimplemented("PollFlightInfo is not supported; use GetFlightInfo"))
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented(
+            "PollFlightInfo is not supported; use GetFlightInfo",
+        ))
     }
 
-    async fn get_schema(&self, request: Request<FlightDescriptor>) -> std::result::Result<Response<SchemaResult>, Status> {
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<SchemaResult>, Status> {
         let md = request.metadata().clone();
         let desc = request.into_inner();
-        let (caller, cmd, planned) = self.decide(&md, audit::Action::GetSchema, command_from_descriptor(&desc)).await?;
-        let result: SchemaResult = SchemaAsIpc::new(&planned.schema, &IpcWriteOptions::default()).try_into().map_err(|e| Error::Internal(format!("encode schema: {e}")))?;
-        self.audit(&md, Some(&caller), audit::Action::GetSchema, Some(&cmd), Ok(&planned.reason), true).await?;
+        let (caller, cmd, planned) = self
+            .decide(&md, audit::Action::GetSchema, command_from_descriptor(&desc))
+            .await?;
+        let result: SchemaResult = SchemaAsIpc::new(&planned.schema, &IpcWriteOptions::default())
+            .try_into()
+            .map_err(|e| Error::Internal(format!("encode schema: {e}")))?;
+        self.audit(
+            &md,
+            Some(&caller),
+            audit::Action::GetSchema,
+            Some(&cmd),
+            Ok(&planned.reason),
+            true,
+        )
+        .await?;
         Ok(Response::new(result))
     }
 
@@ -305,37 +421,69 @@ impl FlightService for FlightHandler {
         let claims = match self.node.tickets.verify(&ticket.ticket, chrono::Utc::now().timestamp()) {
             Ok(c) => c,
             Err(e) => {
-                self.audit(&md, Some(&caller), audit::Action::DoGet, None, Err(&e), true).await?;
+                self.audit(&md, Some(&caller), audit::Action::DoGet, None, Err(&e), true)
+                    .await?;
                 return Err(e.into());
             }
         };
-        let cmd = DataCommand { dataset: claims.dataset.clone(), columns: claims.columns.clone(), filter: claims.filter.clone(), limit: claims.limit };
+        let cmd = DataCommand {
+            dataset: claims.dataset.clone(),
+            columns: claims.columns.clone(),
+            filter: claims.filter.clone(),
+            limit: claims.limit,
+        };
         let mismatch = if claims.principal != caller.principal.name {
             Some("ticket was issued to another principal".to_string())
         } else if claims.purpose != caller.purpose.as_str() {
-            Some(format!("ticket was issued for purpose `{}`; declare the same purpose to use it", claims.purpose))
+            Some(format!(
+                "ticket was issued for purpose `{}`; declare the same purpose to use it",
+                claims.purpose
+            ))
         } else {
             None
         };
         if let Some(reason) = mismatch {
             let e = Error::PermissionDenied { reason };
-            self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true).await?;
+            self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true)
+                .await?;
             return Err(e.into());
         }
         // Decide again at stream time: permits, consent and the dataset may have changed.
         let planned = match catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
             Ok(p) => p,
             Err(e) => {
-                self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true).await?;
+                self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true)
+                    .await?;
                 return Err(e.into());
             }
         };
-        let id = self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Ok(&planned.reason), false).await?;
+        let id = self
+            .audit(
+                &md,
+                Some(&caller),
+                audit::Action::DoGet,
+                Some(&cmd),
+                Ok(&planned.reason),
+                false,
+            )
+            .await?;
         let schema = Arc::clone(&planned.schema);
         let stream = match planned.df.execute_stream().await {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.node.audit.complete(id, Completion { rows_sent: 0, rows_withheld: 0, consent_version_last: planned.consent_version, ok: false }).await;
+                let _ = self
+                    .node
+                    .audit
+                    .complete(
+                        id,
+                        Completion {
+                            rows_sent: 0,
+                            rows_withheld: 0,
+                            consent_version_last: planned.consent_version,
+                            ok: false,
+                        },
+                    )
+                    .await;
                 return Err(Error::from(e).into());
             }
         };
@@ -355,19 +503,33 @@ impl FlightService for FlightHandler {
         Ok(Response::new(encoded.boxed()))
     }
 
-    async fn do_put(&self, _request: Request<Streaming<FlightData>>) -> std::result::Result<Response<Self::DoPutStream>, Status> {
-        Err(Status::unimplemented("Passerelle is read-only over Flight; register data with `passerelle dataset register`"))
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::unimplemented(
+            "Passerelle is read-only over Flight; register data with `passerelle dataset register`",
+        ))
     }
 
-    async fn do_exchange(&self, _request: Request<Streaming<FlightData>>) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
         Err(Status::unimplemented("DoExchange is not supported"))
     }
 
-    async fn do_action(&self, _request: Request<Action>) -> std::result::Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        _request: Request<Action>,
+    ) -> std::result::Result<Response<Self::DoActionStream>, Status> {
         Err(Status::unimplemented("no actions are supported"))
     }
 
-    async fn list_actions(&self, _request: Request<Empty>) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
         Ok(Response::new(futures::stream::empty().boxed()))
     }
 }

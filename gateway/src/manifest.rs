@@ -47,12 +47,16 @@ impl Manifest {
 
     /// Parses JSON.
     pub fn from_json(value: serde_json::Value) -> Result<Self> {
-        serde_json::from_value(value).map_err(|e| Error::invalid(format!("manifest does not parse: {e}"), MANIFEST_HINT))
+        serde_json::from_value(value)
+            .map_err(|e| Error::invalid(format!("manifest does not parse: {e}"), MANIFEST_HINT))
     }
 
     /// The storage half.
     pub fn source(&self) -> SourceSpec {
-        SourceSpec { location: self.location.clone(), format: self.format }
+        SourceSpec {
+            location: self.location.clone(),
+            format: self.format,
+        }
     }
 
     /// The policy half.
@@ -108,7 +112,11 @@ admitted_at = { class = "non-personal" }
         for (from, to, needle) in [
             ("purposes =", "purpose =", "unknown field"),
             ("\"research/ai-training\",", "\"Research\",", "invalid purpose"),
-            ("class = \"sensitive\" }\nhba1c", "class = \"secret\" }\nhba1c", "unknown variant"),
+            (
+                "class = \"sensitive\" }\nhba1c",
+                "class = \"secret\" }\nhba1c",
+                "unknown variant",
+            ),
             ("prefix:2", "prefix:x", "invalid generalisation"),
             ("\"FR\"", "\"France\"", "member state"),
             ("\"consent\"", "\"contract\"", "unknown variant"),
@@ -117,7 +125,8 @@ admitted_at = { class = "non-personal" }
             let err = Manifest::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(needle), "{from} -> {to}: {err}");
         }
-        let default_registry = Manifest::from_toml(&EXAMPLE.replace("consent_registry = \"aphp-patients\"\n", "")).unwrap();
+        let default_registry =
+            Manifest::from_toml(&EXAMPLE.replace("consent_registry = \"aphp-patients\"\n", "")).unwrap();
         assert_eq!(default_registry.policy().consent_registry, "demo_patients");
     }
 }

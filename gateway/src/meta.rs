@@ -48,7 +48,11 @@ CREATE TABLE IF NOT EXISTS permits (
 
 /// Opens (creating if needed) the node's SQLite database in `data_dir`.
 pub async fn open_pool(data_dir: &Path) -> Result<SqlitePool> {
-    std::fs::create_dir_all(data_dir).map_err(|source| Error::Io { op: "create data directory", path: data_dir.display().to_string(), source })?;
+    std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+        op: "create data directory",
+        path: data_dir.display().to_string(),
+        source,
+    })?;
     let path = data_dir.join("passerelle.db");
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(Error::store("parse sqlite options"))?
@@ -58,7 +62,11 @@ pub async fn open_pool(data_dir: &Path) -> Result<SqlitePool> {
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(10));
-    SqlitePoolOptions::new().max_connections(8).connect_with(options).await.map_err(Error::store("open the metadata database"))
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .map_err(Error::store("open the metadata database"))
 }
 
 /// A principal row, including the hash of its key.
@@ -83,7 +91,10 @@ fn now_text() -> String {
 impl MetaStore {
     /// Creates the tables if needed.
     pub async fn open(pool: SqlitePool) -> Result<Self> {
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(Error::store("create metadata tables"))?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(Error::store("create metadata tables"))?;
         Ok(Self { pool })
     }
 
@@ -94,29 +105,41 @@ impl MetaStore {
 
     /// The version counter, bumped by every metadata write.
     pub async fn version(&self) -> Result<u64> {
-        let v: i64 = sqlx::query_scalar("SELECT version FROM meta_version WHERE id = 1").fetch_one(&self.pool).await.map_err(Error::store("read metadata version"))?;
+        let v: i64 = sqlx::query_scalar("SELECT version FROM meta_version WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::store("read metadata version"))?;
         Ok(v.max(0) as u64)
     }
 
     async fn bump(tx: &mut sqlx::SqliteConnection) -> Result<()> {
-        sqlx::query("UPDATE meta_version SET version = version + 1 WHERE id = 1").execute(tx).await.map_err(Error::store("bump metadata version"))?;
+        sqlx::query("UPDATE meta_version SET version = version + 1 WHERE id = 1")
+            .execute(tx)
+            .await
+            .map_err(Error::store("bump metadata version"))?;
         Ok(())
     }
 
     /// Adds a principal; its name must be new.
     pub async fn add_principal(&self, p: &Principal, key_hash: &str) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
-        let res = sqlx::query("INSERT INTO principals (name, org, member_state, role, key_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)")
-            .bind(&p.name)
-            .bind(&p.org)
-            .bind(&p.member_state)
-            .bind(p.role.as_str())
-            .bind(key_hash)
-            .bind(now_text())
-            .execute(&mut *tx)
-            .await;
+        let res = sqlx::query(
+            "INSERT INTO principals (name, org, member_state, role, key_hash, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&p.name)
+        .bind(&p.org)
+        .bind(&p.member_state)
+        .bind(p.role.as_str())
+        .bind(key_hash)
+        .bind(now_text())
+        .execute(&mut *tx)
+        .await;
         match res {
-            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(Error::AlreadyExists { what: format!("principal `{}`", p.name) }),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                return Err(Error::AlreadyExists {
+                    what: format!("principal `{}`", p.name),
+                });
+            }
             other => other.map_err(Error::store("insert principal"))?,
         };
         Self::bump(&mut tx).await?;
@@ -125,12 +148,20 @@ impl MetaStore {
 
     /// All principals.
     pub async fn principals(&self) -> Result<Vec<PrincipalRecord>> {
-        let rows = sqlx::query("SELECT name, org, member_state, role, key_hash FROM principals ORDER BY name").fetch_all(&self.pool).await.map_err(Error::store("list principals"))?;
+        let rows = sqlx::query("SELECT name, org, member_state, role, key_hash FROM principals ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list principals"))?;
         rows.into_iter()
             .map(|r| {
                 let role: String = r.get(3);
                 Ok(PrincipalRecord {
-                    principal: Principal { name: r.get(0), org: r.get(1), member_state: r.get(2), role: Role::parse(&role)? },
+                    principal: Principal {
+                        name: r.get(0),
+                        org: r.get(1),
+                        member_state: r.get(2),
+                        role: Role::parse(&role)?,
+                    },
                     key_hash: r.get(4),
                 })
             })
@@ -141,9 +172,18 @@ impl MetaStore {
     pub async fn insert_dataset(&self, m: &Manifest) -> Result<()> {
         let json = serde_json::to_string(m).map_err(|e| Error::Internal(format!("serialise manifest: {e}")))?;
         let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
-        let res = sqlx::query("INSERT INTO datasets (name, manifest, registered_at) VALUES (?, ?, ?)").bind(m.name.as_str()).bind(json).bind(now_text()).execute(&mut *tx).await;
+        let res = sqlx::query("INSERT INTO datasets (name, manifest, registered_at) VALUES (?, ?, ?)")
+            .bind(m.name.as_str())
+            .bind(json)
+            .bind(now_text())
+            .execute(&mut *tx)
+            .await;
         match res {
-            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => return Err(Error::AlreadyExists { what: format!("dataset `{}`", m.name) }),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                return Err(Error::AlreadyExists {
+                    what: format!("dataset `{}`", m.name),
+                });
+            }
             other => other.map_err(Error::store("insert dataset"))?,
         };
         Self::bump(&mut tx).await?;
@@ -152,8 +192,15 @@ impl MetaStore {
 
     /// All registered manifests.
     pub async fn datasets(&self) -> Result<Vec<Manifest>> {
-        let rows: Vec<String> = sqlx::query_scalar("SELECT manifest FROM datasets ORDER BY name").fetch_all(&self.pool).await.map_err(Error::store("list datasets"))?;
-        rows.iter().map(|j| serde_json::from_str(j).map_err(|e| Error::Internal(format!("stored manifest does not parse: {e}")))).collect()
+        let rows: Vec<String> = sqlx::query_scalar("SELECT manifest FROM datasets ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list datasets"))?;
+        rows.iter()
+            .map(|j| {
+                serde_json::from_str(j).map_err(|e| Error::Internal(format!("stored manifest does not parse: {e}")))
+            })
+            .collect()
     }
 
     /// Adds (or renews, with a new expiry) a permit for an existing dataset.
@@ -172,7 +219,11 @@ impl MetaStore {
         .execute(&mut *tx)
         .await;
         match res {
-            Err(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => return Err(Error::DatasetNotFound { name: p.dataset.to_string() }),
+            Err(sqlx::Error::Database(d)) if d.is_foreign_key_violation() => {
+                return Err(Error::DatasetNotFound {
+                    name: p.dataset.to_string(),
+                });
+            }
             other => other.map_err(Error::store("insert permit"))?,
         };
         Self::bump(&mut tx).await?;
@@ -181,7 +232,10 @@ impl MetaStore {
 
     /// All permits.
     pub async fn permits(&self) -> Result<Vec<Permit>> {
-        let rows = sqlx::query("SELECT dataset, org, purpose, expires_at FROM permits ORDER BY id").fetch_all(&self.pool).await.map_err(Error::store("list permits"))?;
+        let rows = sqlx::query("SELECT dataset, org, purpose, expires_at FROM permits ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list permits"))?;
         rows.into_iter()
             .map(|r| {
                 let dataset: String = r.get(0);

@@ -77,16 +77,29 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("data_dir", &self.data_dir).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
     }
 }
 
 /// Reads a 32-byte secret from `path`, creating it (mode 0600) on first use.
 fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
-    let io = |op: &'static str| move |source| Error::Io { op, path: path.display().to_string(), source };
+    let io = |op: &'static str| {
+        move |source| Error::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
+    };
     match std::fs::read(path) {
         Ok(bytes) if bytes.len() >= 32 => return Ok(bytes),
-        Ok(_) => return Err(Error::Internal(format!("secret `{}` is shorter than 32 bytes; delete it to regenerate", path.display()))),
+        Ok(_) => {
+            return Err(Error::Internal(format!(
+                "secret `{}` is shorter than 32 bytes; delete it to regenerate",
+                path.display()
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("read secret")(e)),
     }
@@ -117,7 +130,12 @@ impl Node {
         let tickets = TicketSigner::new(load_or_create_secret(&data_dir.join("ticket.key"))?);
         let pseudonym_master = load_or_create_secret(&data_dir.join("pseudonym.key"))?;
         let authorizer = Authorizer::build(DEFAULT_MODEL, DEFAULT_POLICY, Vec::new(), &[]).await?;
-        let empty = Snapshot { meta_version: u64::MAX, datasets: BTreeMap::new(), principals_by_hash: HashMap::new(), authorizer: Arc::new(authorizer) };
+        let empty = Snapshot {
+            meta_version: u64::MAX,
+            datasets: BTreeMap::new(),
+            principals_by_hash: HashMap::new(),
+            authorizer: Arc::new(authorizer),
+        };
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Self {
             data_dir: data_dir.to_path_buf(),
@@ -149,7 +167,10 @@ impl Node {
             let authorizer = Authorizer::build(DEFAULT_MODEL, DEFAULT_POLICY, permits, &people).await?;
             let snap = Snapshot {
                 meta_version: version,
-                datasets: datasets.into_iter().map(|m| (m.name.to_string(), Arc::new(m))).collect(),
+                datasets: datasets
+                    .into_iter()
+                    .map(|m| (m.name.to_string(), Arc::new(m)))
+                    .collect(),
                 principals_by_hash: principals.into_iter().map(|p| (p.key_hash, p.principal)).collect(),
                 authorizer: Arc::new(authorizer),
             };
@@ -157,13 +178,21 @@ impl Node {
             tracing::info!(version, "metadata reloaded");
         }
         loop {
-            let events = self.consent_store.load_since(self.consent.applied_seq(), CONSENT_PAGE).await?;
+            let events = self
+                .consent_store
+                .load_since(self.consent.applied_seq(), CONSENT_PAGE)
+                .await?;
             if events.is_empty() {
                 break;
             }
             let n = events.len();
-            self.consent.apply(events.iter().map(|(seq, reg, ev)| (*seq, reg.as_str(), ev)));
-            tracing::debug!(events = n, applied = self.consent.applied_seq(), "consent events applied");
+            self.consent
+                .apply(events.iter().map(|(seq, reg, ev)| (*seq, reg.as_str(), ev)));
+            tracing::debug!(
+                events = n,
+                applied = self.consent.applied_seq(),
+                "consent events applied"
+            );
             if n < CONSENT_PAGE as usize {
                 break;
             }
@@ -193,17 +222,23 @@ impl Node {
 
     /// Resolves an `authorization` header to a principal.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Principal> {
-        let header = header.ok_or(Error::Unauthenticated { reason: "missing authorization header" })?;
+        let header = header.ok_or(Error::Unauthenticated {
+            reason: "missing authorization header",
+        })?;
         let (key, claimed_name) = match auth::parse_authorization(header)? {
             Credentials::Bearer(k) => (k, None),
             Credentials::Basic { name, key } => (key, Some(name)),
         };
         let hash = auth::hash_key(&key);
         let snap = self.snapshot();
-        let wrong = Error::Unauthenticated { reason: "unknown or revoked key" };
+        let wrong = Error::Unauthenticated {
+            reason: "unknown or revoked key",
+        };
         let (stored_hash, principal) = snap.principals_by_hash.get_key_value(&hash).ok_or(wrong)?;
         if !auth::hashes_equal(stored_hash, &hash) || claimed_name.is_some_and(|n| n != principal.name) {
-            return Err(Error::Unauthenticated { reason: "unknown or revoked key" });
+            return Err(Error::Unauthenticated {
+                reason: "unknown or revoked key",
+            });
         }
         Ok(principal.clone())
     }
@@ -216,10 +251,16 @@ impl Node {
     /// Adds a principal and returns its new API key (shown once, stored hashed).
     pub async fn add_principal(&self, principal: &Principal) -> Result<String> {
         if principal.name.is_empty() || principal.name.len() > 128 || principal.name.contains([':', ',', '"', '\n']) {
-            return Err(Error::invalid("principal name must be 1-128 characters without `:`, `,`, quotes or newlines", "choose a simple name such as trainer-de"));
+            return Err(Error::invalid(
+                "principal name must be 1-128 characters without `:`, `,`, quotes or newlines",
+                "choose a simple name such as trainer-de",
+            ));
         }
         if principal.org.is_empty() || principal.org.contains([',', '"', '\n']) {
-            return Err(Error::invalid("organisation must be non-empty without commas, quotes or newlines", "use a short organisation id such as dkfz"));
+            return Err(Error::invalid(
+                "organisation must be non-empty without commas, quotes or newlines",
+                "use a short organisation id such as dkfz",
+            ));
         }
         passerelle_policies::MemberState::parse(&principal.member_state)?;
         let key = auth::generate_key();
@@ -238,7 +279,10 @@ impl Node {
     /// Adds or renews a permit for a registered dataset.
     pub async fn add_permit(&self, permit: &Permit) -> Result<()> {
         if permit.org.is_empty() || permit.org.contains([',', '"', '\n']) {
-            return Err(Error::invalid("organisation must be non-empty without commas, quotes or newlines", "use the organisation id principals are registered with"));
+            return Err(Error::invalid(
+                "organisation must be non-empty without commas, quotes or newlines",
+                "use the organisation id principals are registered with",
+            ));
         }
         self.meta.upsert_permit(permit).await
     }
@@ -259,8 +303,15 @@ impl Node {
         match principal.role {
             Role::Admin => Ok(()),
             Role::Steward if principal.org == org => Ok(()),
-            Role::Steward => Err(Error::PermissionDenied { reason: format!("steward of `{}` may not act for organisation `{org}`", principal.org) }),
-            _ => Err(Error::PermissionDenied { reason: format!("role `{}` may not change datasets, permits or consent; stewards may", principal.role.as_str()) }),
+            Role::Steward => Err(Error::PermissionDenied {
+                reason: format!("steward of `{}` may not act for organisation `{org}`", principal.org),
+            }),
+            _ => Err(Error::PermissionDenied {
+                reason: format!(
+                    "role `{}` may not change datasets, permits or consent; stewards may",
+                    principal.role.as_str()
+                ),
+            }),
         }
     }
 }

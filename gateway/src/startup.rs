@@ -45,19 +45,44 @@ impl Application {
         }
         node.refresh().await?;
         let bind = |addr: String| async move {
-            TcpListener::bind(&addr).await.map_err(|source| Error::Io { op: "bind", path: addr, source })
+            TcpListener::bind(&addr).await.map_err(|source| Error::Io {
+                op: "bind",
+                path: addr,
+                source,
+            })
         };
         let flight = bind(cfg.server.flight_addr.clone()).await?;
         let http = bind(cfg.server.http_addr.clone()).await?;
-        let local = |l: &TcpListener| l.local_addr().map_err(|source| Error::Io { op: "local address", path: String::new(), source });
+        let local = |l: &TcpListener| {
+            l.local_addr().map_err(|source| Error::Io {
+                op: "local address",
+                path: String::new(),
+                source,
+            })
+        };
         let (flight_addr, http_addr) = (local(&flight)?, local(&http)?);
-        let serve_json = serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string() });
+        let serve_json =
+            serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string() });
         let path = data_dir.join("serve.json");
         let tmp = data_dir.join("serve.json.tmp");
-        std::fs::write(&tmp, serve_json.to_string()).map_err(|source| Error::Io { op: "write", path: tmp.display().to_string(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| Error::Io { op: "write", path: path.display().to_string(), source })?;
+        std::fs::write(&tmp, serve_json.to_string()).map_err(|source| Error::Io {
+            op: "write",
+            path: tmp.display().to_string(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
+            op: "write",
+            path: path.display().to_string(),
+            source,
+        })?;
         tracing::info!(%flight_addr, %http_addr, data_dir = %data_dir.display(), "listening");
-        Ok(Self { node, flight, http, flight_addr, http_addr })
+        Ok(Self {
+            node,
+            flight,
+            http,
+            flight_addr,
+            http_addr,
+        })
     }
 
     /// The Flight address actually bound.
@@ -85,11 +110,16 @@ impl Application {
         let flight = tonic::transport::Server::builder()
             .add_service(svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.flight), wait(shutdown.clone()));
-        let http = axum::serve(self.http, crate::admin::router(Arc::clone(&self.node))).with_graceful_shutdown(wait(shutdown.clone()));
+        let http = axum::serve(self.http, crate::admin::router(Arc::clone(&self.node)))
+            .with_graceful_shutdown(wait(shutdown.clone()));
         let (f, h) = tokio::join!(flight, async { http.await });
         refresher.abort();
         f.map_err(|e| Error::Internal(format!("flight server: {e}")))?;
-        h.map_err(|source| Error::Io { op: "http server", path: String::new(), source })?;
+        h.map_err(|source| Error::Io {
+            op: "http server",
+            path: String::new(),
+            source,
+        })?;
         Ok(())
     }
 }

@@ -63,7 +63,8 @@ impl TicketSigner {
 
     fn mac(&self) -> HmacSha256 {
         // HMAC takes keys of any length.
-        HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default()))
+        HmacSha256::new_from_slice(&self.key)
+            .unwrap_or_else(|_| <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default()))
     }
 
     /// Encodes and signs claims.

@@ -42,7 +42,11 @@ impl Role {
             "steward" => Ok(Self::Steward),
             "auditor" => Ok(Self::Auditor),
             "admin" => Ok(Self::Admin),
-            _ => Err(Error::InvalidName { what: "role", name: s.to_string(), rule: "use trainer, steward, auditor or admin" }),
+            _ => Err(Error::InvalidName {
+                what: "role",
+                name: s.to_string(),
+                rule: "use trainer, steward, auditor or admin",
+            }),
         }
     }
     /// The CLI spelling.
@@ -101,7 +105,9 @@ pub struct Authorizer {
 
 impl std::fmt::Debug for Authorizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authorizer").field("permits", &self.permits.len()).finish()
+        f.debug_struct("Authorizer")
+            .field("permits", &self.permits.len())
+            .finish()
     }
 }
 
@@ -126,11 +132,18 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
             continue;
         }
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let bad = |reason: String| Error::InvalidPolicyLine { file: file.to_string(), line: i + 1, reason };
+        let bad = |reason: String| Error::InvalidPolicyLine {
+            file: file.to_string(),
+            line: i + 1,
+            reason,
+        };
         match fields.first().copied() {
             Some("p") => {
                 if fields.len() != 7 {
-                    return Err(bad(format!("a `p` line has 7 fields (p, sub, dom, obj, act, exp, eft), found {}", fields.len())));
+                    return Err(bad(format!(
+                        "a `p` line has 7 fields (p, sub, dom, obj, act, exp, eft), found {}",
+                        fields.len()
+                    )));
                 }
                 if fields[4] != "*" {
                     Purpose::parse(fields[4]).map_err(|e| bad(e.to_string()))?;
@@ -144,7 +157,10 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
             }
             Some("g") => {
                 if fields.len() != 4 {
-                    return Err(bad(format!("a `g` line has 4 fields (g, principal, role, org), found {}", fields.len())));
+                    return Err(bad(format!(
+                        "a `g` line has 4 fields (g, principal, role, org), found {}",
+                        fields.len()
+                    )));
                 }
             }
             other => return Err(bad(format!("unknown line type `{}`; use p or g", other.unwrap_or("")))),
@@ -167,15 +183,34 @@ impl Authorizer {
         }
         for p in &permits {
             let exp = p.expires.map_or_else(|| NO_EXPIRY.to_string(), policy_time);
-            let _ = writeln!(text, "p, trainer, {}, {}, {}, {}, allow", csv_safe(&p.org)?, p.dataset, p.purpose, exp);
+            let _ = writeln!(
+                text,
+                "p, trainer, {}, {}, {}, {}, allow",
+                csv_safe(&p.org)?,
+                p.dataset,
+                p.purpose,
+                exp
+            );
         }
         for pr in principals {
-            let _ = writeln!(text, "g, {}, {}, {}", csv_safe(&pr.name)?, pr.role.as_str(), csv_safe(&pr.org)?);
+            let _ = writeln!(
+                text,
+                "g, {}, {}, {}",
+                csv_safe(&pr.name)?,
+                pr.role.as_str(),
+                csv_safe(&pr.org)?
+            );
         }
-        let model = DefaultModel::from_str(model).await.map_err(|e| Error::Casbin { op: "parse model", source: Box::new(e) })?;
+        let model = DefaultModel::from_str(model).await.map_err(|e| Error::Casbin {
+            op: "parse model",
+            source: Box::new(e),
+        })?;
         let mut enforcer = Enforcer::new(model, StringAdapter::new(text))
             .await
-            .map_err(|e| Error::Casbin { op: "load policy", source: Box::new(e) })?;
+            .map_err(|e| Error::Casbin {
+                op: "load policy",
+                source: Box::new(e),
+            })?;
         enforcer.add_function("purposeCovers", OperatorFunction::Arg2(purpose_covers));
         Ok(Self { enforcer, permits })
     }
@@ -184,16 +219,28 @@ impl Authorizer {
     /// unexpired permit for it. Invisible datasets are reported exactly like missing ones.
     pub fn visible(&self, principal: &Principal, dataset: &DatasetPolicy, now: DateTime<Utc>) -> bool {
         principal.org == dataset.controller
-            || self.permits.iter().any(|p| p.dataset == dataset.name && p.org == principal.org && p.expires.is_none_or(|e| e > now))
+            || self
+                .permits
+                .iter()
+                .any(|p| p.dataset == dataset.name && p.org == principal.org && p.expires.is_none_or(|e| e > now))
     }
 
     /// Decides whether `principal` may pull `dataset` for `purpose` at `now`.
-    pub fn decide(&self, principal: &Principal, dataset: &DatasetPolicy, purpose: &Purpose, now: DateTime<Utc>) -> Result<Decision> {
+    pub fn decide(
+        &self,
+        principal: &Principal,
+        dataset: &DatasetPolicy,
+        purpose: &Purpose,
+        now: DateTime<Utc>,
+    ) -> Result<Decision> {
         if principal.role != Role::Trainer {
             return Ok(Decision {
                 allow: false,
                 rule: None,
-                reason: format!("role `{}` may not pull data; only trainers may", principal.role.as_str()),
+                reason: format!(
+                    "role `{}` may not pull data; only trainers may",
+                    principal.role.as_str()
+                ),
             });
         }
         if !dataset.allows_purpose(purpose) {
@@ -201,13 +248,26 @@ impl Authorizer {
             return Ok(Decision {
                 allow: false,
                 rule: None,
-                reason: format!("dataset `{}` is not registered for purpose `{purpose}` (registered: {})", dataset.name, listed.join(", ")),
+                reason: format!(
+                    "dataset `{}` is not registered for purpose `{purpose}` (registered: {})",
+                    dataset.name,
+                    listed.join(", ")
+                ),
             });
         }
         let (allow, rules) = self
             .enforcer
-            .enforce_ex((principal.name.as_str(), principal.org.as_str(), dataset.name.as_str(), purpose.as_str(), policy_time(now).as_str()))
-            .map_err(|e| Error::Casbin { op: "enforce", source: Box::new(e) })?;
+            .enforce_ex((
+                principal.name.as_str(),
+                principal.org.as_str(),
+                dataset.name.as_str(),
+                purpose.as_str(),
+                policy_time(now).as_str(),
+            ))
+            .map_err(|e| Error::Casbin {
+                op: "enforce",
+                source: Box::new(e),
+            })?;
         let rule = rules.first().map(|r| r.join(", "));
         let reason = if allow {
             format!("permit for organisation `{}` covers purpose `{purpose}`", principal.org)
@@ -226,7 +286,11 @@ impl Authorizer {
 /// Values go into comma-separated policy lines: refuse the separators rather than escape them.
 fn csv_safe(s: &str) -> Result<&str> {
     if s.is_empty() || s.contains([',', '\n', '\r', '"']) || s.trim() != s {
-        return Err(Error::InvalidName { what: "policy value", name: s.to_string(), rule: "must be non-empty with no commas, quotes, newlines or surrounding spaces" });
+        return Err(Error::InvalidName {
+            what: "policy value",
+            name: s.to_string(),
+            rule: "must be non-empty with no commas, quotes, newlines or surrounding spaces",
+        });
     }
     Ok(s)
 }
@@ -250,7 +314,12 @@ mod tests {
         }
     }
     fn principal(name: &str, org: &str, role: Role) -> Principal {
-        Principal { name: name.into(), org: org.into(), member_state: "DE".into(), role }
+        Principal {
+            name: name.into(),
+            org: org.into(),
+            member_state: "DE".into(),
+            role,
+        }
     }
     fn permit(org: &str, purpose: &str, expires: Option<&str>) -> Permit {
         Permit {
@@ -274,7 +343,10 @@ mod tests {
             permit("dkfz", "research/ai-training", None),
             permit("gemelli", "research", Some("2020-01-01T00:00:00Z")),
         ];
-        (Authorizer::build(DEFAULT_MODEL, base, permits, &people).await.unwrap(), people)
+        (
+            Authorizer::build(DEFAULT_MODEL, base, permits, &people).await.unwrap(),
+            people,
+        )
     }
 
     #[tokio::test]
@@ -282,7 +354,11 @@ mod tests {
         let (a, people) = authorizer(DEFAULT_POLICY).await;
         let ds = dataset(&["research"]);
         let now = Utc::now();
-        assert!(a.decide(&people[0], &ds, &p("research/ai-training/llm"), now).unwrap().allow);
+        assert!(
+            a.decide(&people[0], &ds, &p("research/ai-training/llm"), now)
+                .unwrap()
+                .allow
+        );
         let d = a.decide(&people[0], &ds, &p("research/epidemiology"), now).unwrap();
         assert!(!d.allow && d.reason.contains("no unexpired permit"), "{d:?}");
         // Expired permit: denied and invisible.
@@ -291,10 +367,20 @@ mod tests {
         assert!(a.visible(&people[0], &ds, now));
         // Stewards see their own data but may not pull it.
         assert!(a.visible(&people[2], &ds, now));
-        assert!(a.decide(&people[2], &ds, &p("research"), now).unwrap().reason.contains("only trainers"));
+        assert!(
+            a.decide(&people[2], &ds, &p("research"), now)
+                .unwrap()
+                .reason
+                .contains("only trainers")
+        );
         // The dataset's own purposes bound every permit.
         let narrow = dataset(&["research/epidemiology"]);
-        assert!(a.decide(&people[0], &narrow, &p("research/ai-training"), now).unwrap().reason.contains("not registered for purpose"));
+        assert!(
+            a.decide(&people[0], &narrow, &p("research/ai-training"), now)
+                .unwrap()
+                .reason
+                .contains("not registered for purpose")
+        );
     }
 
     #[tokio::test]
@@ -302,15 +388,26 @@ mod tests {
         let base = "p, *, *, *, research/ai-training/commercial, 9999-12-31T23:59:59Z, deny\n";
         let (a, people) = authorizer(base).await;
         let ds = dataset(&["research"]);
-        let d = a.decide(&people[0], &ds, &p("research/ai-training/commercial/ads"), Utc::now()).unwrap();
+        let d = a
+            .decide(&people[0], &ds, &p("research/ai-training/commercial/ads"), Utc::now())
+            .unwrap();
         assert!(!d.allow);
         assert!(d.reason.contains("deny"), "{d:?}");
-        assert!(a.decide(&people[0], &ds, &p("research/ai-training"), Utc::now()).unwrap().allow);
+        assert!(
+            a.decide(&people[0], &ds, &p("research/ai-training"), Utc::now())
+                .unwrap()
+                .allow
+        );
     }
 
     #[test]
     fn policy_text_errors_name_the_line() {
-        let err = check_policy_text("f.csv", "# ok\np, a, b, c, research, 9999-12-31T23:59:59Z, allow\np, a, b\n").unwrap_err().to_string();
+        let err = check_policy_text(
+            "f.csv",
+            "# ok\np, a, b, c, research, 9999-12-31T23:59:59Z, allow\np, a, b\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("f.csv") && err.contains("line 3"), "{err}");
         assert!(check_policy_text("f", "p, a, b, c, Bad, 9999-12-31T23:59:59Z, allow").is_err());
         assert!(check_policy_text("f", "x, a").is_err());

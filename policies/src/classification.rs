@@ -23,7 +23,8 @@ impl DatasetId {
         let ok = !s.is_empty()
             && s.len() <= 63
             && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if ok {
             Ok(Self(s.to_string()))
         } else {
@@ -151,8 +152,18 @@ impl Generalisation {
             _ => {
                 let (kind, n) = s.split_once(':').ok_or_else(bad)?;
                 match kind {
-                    "prefix" => n.parse::<u16>().ok().filter(|n| *n > 0).map(Self::Prefix).ok_or_else(bad),
-                    "bucket" => n.parse::<u32>().ok().filter(|n| *n > 0).map(Self::Bucket).ok_or_else(bad),
+                    "prefix" => n
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .map(Self::Prefix)
+                        .ok_or_else(bad),
+                    "bucket" => n
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .map(Self::Bucket)
+                        .ok_or_else(bad),
                     _ => Err(bad()),
                 }
             }
@@ -247,7 +258,10 @@ pub struct DatasetPolicy {
 pub fn is_supported_subject_type(dt: &DataType) -> bool {
     match dt {
         DataType::Int64 | DataType::Int32 | DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
-        DataType::Dictionary(_, v) => matches!(v.as_ref(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Int64),
+        DataType::Dictionary(_, v) => matches!(
+            v.as_ref(),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Int64
+        ),
         _ => false,
     }
 }
@@ -257,15 +271,22 @@ impl DatasetPolicy {
     /// manifest; nothing is stored by the caller unless this passes.
     pub fn validate(&self, schema: &Schema) -> Result<()> {
         let ds = self.name.as_str();
-        let invalid = |reason: String| Error::InvalidManifest { dataset: ds.to_string(), reason };
+        let invalid = |reason: String| Error::InvalidManifest {
+            dataset: ds.to_string(),
+            reason,
+        };
         if self.controller.trim().is_empty() {
-            return Err(invalid("`controller` is empty; name the organisation that holds the data".into()));
+            return Err(invalid(
+                "`controller` is empty; name the organisation that holds the data".into(),
+            ));
         }
         if self.consent_registry.trim().is_empty() {
             return Err(invalid("`consent_registry` is empty".into()));
         }
         if self.purposes.is_empty() {
-            return Err(invalid("`purposes` is empty; list at least one purpose, e.g. \"research/ai-training\"".into()));
+            return Err(invalid(
+                "`purposes` is empty; list at least one purpose, e.g. \"research/ai-training\"".into(),
+            ));
         }
         for field in schema.fields() {
             if !self.columns.contains_key(field.name()) {
@@ -277,7 +298,9 @@ impl DatasetPolicy {
         }
         for (name, col) in &self.columns {
             let field = schema.field_with_name(name).map_err(|_| {
-                invalid(format!("column `{name}` is classified but the source has no such column"))
+                invalid(format!(
+                    "column `{name}` is classified but the source has no such column"
+                ))
             })?;
             match (col.class, &col.generalise) {
                 (ColumnClass::QuasiIdentifier, None) => {
@@ -297,7 +320,9 @@ impl DatasetPolicy {
                         "column `{name}` has generalise = \"{g}\" but is not a quasi-identifier"
                     )));
                 }
-                (ColumnClass::Identifier, None) if !crate::enforce::pseudonymise::is_pseudonymisable(field.data_type()) => {
+                (ColumnClass::Identifier, None)
+                    if !crate::enforce::pseudonymise::is_pseudonymisable(field.data_type()) =>
+                {
                     return Err(invalid(format!(
                         "identifier `{name}` has type {} which cannot be pseudonymised; use an integer or string column",
                         field.data_type()
@@ -344,10 +369,34 @@ mod tests {
 
     fn policy() -> DatasetPolicy {
         let mut columns = BTreeMap::new();
-        columns.insert("id".into(), ColumnPolicy { class: ColumnClass::Identifier, generalise: None });
-        columns.insert("name".into(), ColumnPolicy { class: ColumnClass::DirectIdentifier, generalise: None });
-        columns.insert("born".into(), ColumnPolicy { class: ColumnClass::QuasiIdentifier, generalise: Some(Generalisation::Year) });
-        columns.insert("at".into(), ColumnPolicy { class: ColumnClass::NonPersonal, generalise: None });
+        columns.insert(
+            "id".into(),
+            ColumnPolicy {
+                class: ColumnClass::Identifier,
+                generalise: None,
+            },
+        );
+        columns.insert(
+            "name".into(),
+            ColumnPolicy {
+                class: ColumnClass::DirectIdentifier,
+                generalise: None,
+            },
+        );
+        columns.insert(
+            "born".into(),
+            ColumnPolicy {
+                class: ColumnClass::QuasiIdentifier,
+                generalise: Some(Generalisation::Year),
+            },
+        );
+        columns.insert(
+            "at".into(),
+            ColumnPolicy {
+                class: ColumnClass::NonPersonal,
+                generalise: None,
+            },
+        );
         DatasetPolicy {
             name: DatasetId::parse("ds").unwrap(),
             member_state: MemberState::parse("FR").unwrap(),
@@ -367,11 +416,38 @@ mod tests {
 
     #[test]
     fn each_defect_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut DatasetPolicy)>, &str)> = vec![
-            (Box::new(|p| { p.columns.remove("at"); }), "column `at` is not classified"),
-            (Box::new(|p| { p.columns.insert("ghost".into(), ColumnPolicy { class: ColumnClass::Sensitive, generalise: None }); }), "no such column"),
-            (Box::new(|p| { p.columns.get_mut("born").unwrap().generalise = None; }), "no generalisation rule"),
-            (Box::new(|p| { p.columns.get_mut("born").unwrap().generalise = Some(Generalisation::Prefix(2)); }), "cannot apply"),
+        type Mutation = Box<dyn Fn(&mut DatasetPolicy)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|p| {
+                    p.columns.remove("at");
+                }),
+                "column `at` is not classified",
+            ),
+            (
+                Box::new(|p| {
+                    p.columns.insert(
+                        "ghost".into(),
+                        ColumnPolicy {
+                            class: ColumnClass::Sensitive,
+                            generalise: None,
+                        },
+                    );
+                }),
+                "no such column",
+            ),
+            (
+                Box::new(|p| {
+                    p.columns.get_mut("born").unwrap().generalise = None;
+                }),
+                "no generalisation rule",
+            ),
+            (
+                Box::new(|p| {
+                    p.columns.get_mut("born").unwrap().generalise = Some(Generalisation::Prefix(2));
+                }),
+                "cannot apply",
+            ),
             (Box::new(|p| p.subject_column = "nope".into()), "subject column `nope`"),
             (Box::new(|p| p.purposes.clear()), "`purposes` is empty"),
         ];

@@ -13,7 +13,11 @@ pub enum Error {
     InvalidPurpose { purpose: String, reason: String },
     /// A name (dataset, member state, role, policy value) is malformed.
     #[error("invalid {what} `{name}`: {rule}")]
-    InvalidName { what: &'static str, name: String, rule: &'static str },
+    InvalidName {
+        what: &'static str,
+        name: String,
+        rule: &'static str,
+    },
     /// A generalisation rule is malformed.
     #[error("invalid generalisation `{rule}`: use year, month, prefix:N or bucket:N with N ≥ 1")]
     InvalidGeneralisation { rule: String },

@@ -25,6 +25,8 @@ pub mod error;
 pub mod purpose;
 
 pub use authz::{Authorizer, Decision, Permit, Principal, Role};
-pub use classification::{ColumnClass, ColumnPolicy, DatasetId, DatasetPolicy, Generalisation, LegalBasis, MemberState};
+pub use classification::{
+    ColumnClass, ColumnPolicy, DatasetId, DatasetPolicy, Generalisation, LegalBasis, MemberState,
+};
 pub use error::{Error, Result};
 pub use purpose::Purpose;

@@ -35,12 +35,14 @@ impl Purpose {
         for seg in segments {
             let mut chars = seg.chars();
             match chars.next() {
-                None => return Err(invalid("it has an empty segment (check for `//` or a leading/trailing `/`)")),
+                None => {
+                    return Err(invalid(
+                        "it has an empty segment (check for `//` or a leading/trailing `/`)",
+                    ));
+                }
                 Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit() => {}
                 Some(_) => {
-                    return Err(invalid(
-                        "each segment must start with a lowercase letter or digit",
-                    ));
+                    return Err(invalid("each segment must start with a lowercase letter or digit"));
                 }
             }
             if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')) {

@@ -121,18 +121,26 @@ def _not_found(client, key: str, dataset: str, rpc: str, purpose: str = PURPOSE)
 
 
 @pytest.mark.parametrize("rpc", ["get_flight_info", "get_schema"])
-def test_unknown_and_invisible_datasets_are_the_same_not_found(gateway: Gateway, client, rpc):
-    """A dataset the caller may not see gets exactly the NOT_FOUND an unknown one gets (messages compared with the
-    dataset name masked)."""
+def test_unknown_and_invisible_datasets_are_the_same_not_found(gateway: Gateway, client, second_org, rpc):
+    """A dataset the caller may not see (its organisation neither controls it nor holds a permit) gets exactly the
+    NOT_FOUND an unknown one gets (messages compared with the dataset name masked)."""
     k = gateway.keys
-    unknown_trainer = _not_found(client, k["trainer-de"], UNKNOWN, rpc)
     messages = {
-        "trainer-de unknown": unknown_trainer,
-        "steward-fr unknown": _not_found(client, k["steward-fr"], UNKNOWN, rpc),
-        "steward-fr demo_patients (no permit)": _not_found(client, k["steward-fr"], DATASET, rpc),
-        "auditor-eu demo_patients (no permit)": _not_found(client, k["auditor-eu"], DATASET, rpc),
+        "trainer-de, unknown": _not_found(client, k["trainer-de"], UNKNOWN, rpc),
+        "steward-fr, unknown": _not_found(client, k["steward-fr"], UNKNOWN, rpc),
+        "trainer-noperm, unknown": _not_found(client, second_org["noperm"], UNKNOWN, rpc),
+        "trainer-noperm, demo_patients (invisible)": _not_found(client, second_org["noperm"], DATASET, rpc),
     }
     assert len(set(messages.values())) == 1, messages
+
+
+@pytest.mark.parametrize("rpc", ["get_flight_info", "get_schema"])
+@pytest.mark.parametrize("who", ["steward-fr", "auditor-eu"])
+def test_roles_that_see_but_may_not_pull_are_permission_denied(gateway: Gateway, client, who, rpc):
+    """The controller's steward and the auditor may know demo_patients exists (it is not hidden from them), but only
+    trainers pull data: PERMISSION_DENIED, which the privacy rule allows for datasets the caller can see."""
+    opts = call_options(gateway.keys[who])
+    expect_status("PERMISSION_DENIED", lambda: getattr(client, rpc)(path_descriptor(), opts), rpc=rpc)
 
 
 def test_unknown_dataset_in_a_command_is_not_found(gateway: Gateway, client):

@@ -14,11 +14,25 @@ def test_healthz(gateway: Gateway):
     assert resp.status == 200, resp.text
 
 
-def test_datasets_list_for_the_controllers_steward(gateway: Gateway):
-    resp = http("GET", gateway.url("/api/v1/datasets"), key=gateway.keys["steward-fr"])
+@pytest.mark.parametrize("who", ["steward-fr", "trainer-de", "auditor-eu"])
+def test_datasets_list_shows_demo_patients_to_those_who_may_see_it(gateway: Gateway, who):
+    """The controller's steward, a permitted trainer and the auditor see it."""
+    resp = http("GET", gateway.url("/api/v1/datasets"), key=gateway.keys[who])
     assert resp.status == 200, resp.text[:500]
     assert resp.headers.get("content-type", "").startswith("application/json")
     assert DATASET in dataset_names(resp.body)
+
+
+def test_datasets_are_invisible_without_a_permit(gateway: Gateway, second_org):
+    """An organisation without a permit sees no dataset, and asking for one by name is the 404 of an unknown one."""
+    key = second_org["noperm"]
+    resp = http("GET", gateway.url("/api/v1/datasets"), key=key)
+    assert resp.status == 200, resp.text[:500]
+    assert DATASET not in dataset_names(resp.body)
+    hidden = assert_json_error(http("GET", gateway.url(f"/api/v1/datasets/{DATASET}"), key=key), 404)
+    unknown = assert_json_error(http("GET", gateway.url("/api/v1/datasets/no_such_dataset"), key=key), 404)
+    mask = {k: v.replace(DATASET, "<d>") for k, v in hidden.items()}
+    assert mask == {k: v.replace("no_such_dataset", "<d>") for k, v in unknown.items()}
 
 
 @pytest.mark.parametrize("path", ["/api/v1/datasets", f"/api/v1/datasets/{DATASET}", "/api/v1/audit"])

@@ -53,10 +53,14 @@ impl ConsentEvent {
     pub fn parse(subject_id: &str, purpose: &str, status: &str, timestamp: &str) -> Result<Self> {
         let subject_id = subject_id.trim();
         if subject_id.is_empty() {
-            return Err(Error::InvalidConsentEvent { reason: "subject_id is empty".into() });
+            return Err(Error::InvalidConsentEvent {
+                reason: "subject_id is empty".into(),
+            });
         }
         if subject_id.len() > 256 {
-            return Err(Error::InvalidConsentEvent { reason: "subject_id is longer than 256 bytes".into() });
+            return Err(Error::InvalidConsentEvent {
+                reason: "subject_id is longer than 256 bytes".into(),
+            });
         }
         let purpose = Purpose::parse(purpose.trim())?;
         let status = ConsentStatus::parse(status.trim())?;
@@ -80,9 +84,29 @@ mod tests {
     fn parses_and_names_bad_fields() {
         let e = ConsentEvent::parse("42", "research", "granted", "2024-01-01T00:00:00+01:00").unwrap();
         assert_eq!(e.at_micros, 1_704_063_600_000_000);
-        assert!(ConsentEvent::parse("", "research", "granted", "2024-01-01T00:00:00Z").unwrap_err().to_string().contains("subject_id"));
-        assert!(ConsentEvent::parse("1", "Research", "granted", "2024-01-01T00:00:00Z").unwrap_err().to_string().contains("purpose"));
-        assert!(ConsentEvent::parse("1", "research", "yes", "2024-01-01T00:00:00Z").unwrap_err().to_string().contains("status"));
-        assert!(ConsentEvent::parse("1", "research", "granted", "yesterday").unwrap_err().to_string().contains("RFC 3339"));
+        assert!(
+            ConsentEvent::parse("", "research", "granted", "2024-01-01T00:00:00Z")
+                .unwrap_err()
+                .to_string()
+                .contains("subject_id")
+        );
+        assert!(
+            ConsentEvent::parse("1", "Research", "granted", "2024-01-01T00:00:00Z")
+                .unwrap_err()
+                .to_string()
+                .contains("purpose")
+        );
+        assert!(
+            ConsentEvent::parse("1", "research", "yes", "2024-01-01T00:00:00Z")
+                .unwrap_err()
+                .to_string()
+                .contains("status")
+        );
+        assert!(
+            ConsentEvent::parse("1", "research", "granted", "yesterday")
+                .unwrap_err()
+                .to_string()
+                .contains("RFC 3339")
+        );
     }
 }

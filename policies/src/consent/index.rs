@@ -32,6 +32,14 @@ struct Latest {
     granted: bool,
 }
 
+impl Latest {
+    /// Order of events for one subject: later time wins; at the same time a withdrawal beats a
+    /// grant (the conservative reading); then the later store sequence.
+    fn rank(&self) -> (i64, bool, u64) {
+        (self.at, !self.granted, self.seq)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     /// Sequence number of the last event applied to this registry.
@@ -169,10 +177,14 @@ impl ConsentIndex {
             let reg = inner.registries.entry(registry.to_string()).or_default();
             reg.version = seq;
             reg.compiled.clear();
-            let latest = Latest { at: ev.at_micros, seq, granted: ev.status == ConsentStatus::Granted };
+            let latest = Latest {
+                at: ev.at_micros,
+                seq,
+                granted: ev.status == ConsentStatus::Granted,
+            };
             let per_subject = reg.by_purpose.entry(ev.purpose.clone()).or_default();
             match per_subject.get_mut(ev.subject_id.as_str()) {
-                Some(cur) if (cur.at, cur.seq) > (latest.at, latest.seq) => {}
+                Some(cur) if cur.rank() > latest.rank() => {}
                 Some(cur) => *cur = latest,
                 None => {
                     per_subject.insert(ev.subject_id.as_str().into(), latest);
@@ -190,11 +202,23 @@ impl ConsentIndex {
     pub fn decide(&self, registry: &str, purpose: &Purpose, subject: &str) -> Option<ConsentStatus> {
         let inner = self.read();
         let reg = inner.registries.get(registry)?;
-        latest_for(reg, purpose, subject).map(|l| if l.granted { ConsentStatus::Granted } else { ConsentStatus::Withdrawn })
+        latest_for(reg, purpose, subject).map(|l| {
+            if l.granted {
+                ConsentStatus::Granted
+            } else {
+                ConsentStatus::Withdrawn
+            }
+        })
     }
 
     /// The compiled set for a request, with the registry version it reflects.
-    pub fn subject_set(&self, registry: &str, purpose: &Purpose, basis: LegalBasis, kind: KeyKind) -> (u64, Arc<SubjectSet>) {
+    pub fn subject_set(
+        &self,
+        registry: &str,
+        purpose: &Purpose,
+        basis: LegalBasis,
+        kind: KeyKind,
+    ) -> (u64, Arc<SubjectSet>) {
         let key = (purpose.clone(), basis, kind);
         {
             let inner = self.read();
@@ -225,11 +249,15 @@ fn latest_for(reg: &Registry, purpose: &Purpose, subject: &str) -> Option<Latest
         .self_and_ancestors()
         .iter()
         .filter_map(|p| reg.by_purpose.get(p)?.get(subject).copied())
-        .max_by_key(|l| (l.at, l.seq))
+        .max_by_key(|l| l.rank())
 }
 
 fn compile(reg: &Registry, purpose: &Purpose, basis: LegalBasis, kind: KeyKind) -> SubjectSet {
-    let maps: Vec<_> = purpose.self_and_ancestors().iter().filter_map(|p| reg.by_purpose.get(p)).collect();
+    let maps: Vec<_> = purpose
+        .self_and_ancestors()
+        .iter()
+        .filter_map(|p| reg.by_purpose.get(p))
+        .collect();
     // Under consent we collect grants (rows kept); under public interest, withdrawals (rows dropped).
     let want_granted = basis == LegalBasis::Consent;
     let mut decided: HashMap<&str, Latest, RandomState> = HashMap::default();
@@ -238,14 +266,17 @@ fn compile(reg: &Registry, purpose: &Purpose, basis: LegalBasis, kind: KeyKind) 
             decided
                 .entry(subject)
                 .and_modify(|cur| {
-                    if (l.at, l.seq) > (cur.at, cur.seq) {
+                    if l.rank() > cur.rank() {
                         *cur = *l;
                     }
                 })
                 .or_insert(*l);
         }
     }
-    let members = decided.into_iter().filter(|(_, l)| l.granted == want_granted).map(|(s, _)| s);
+    let members = decided
+        .into_iter()
+        .filter(|(_, l)| l.granted == want_granted)
+        .map(|(s, _)| s);
     match kind {
         KeyKind::Int => SubjectSet::compile_ints(members.filter_map(|s| s.parse::<i64>().ok()).collect()),
         KeyKind::Str => SubjectSet::Strs(members.map(Box::from).collect()),
@@ -265,7 +296,13 @@ pub struct ConsentView {
 impl ConsentView {
     /// A view for one dataset's registry, the requested purpose and the subject column's kind.
     pub fn new(index: Arc<ConsentIndex>, registry: String, purpose: Purpose, basis: LegalBasis, kind: KeyKind) -> Self {
-        Self { index, registry, purpose, basis, kind }
+        Self {
+            index,
+            registry,
+            purpose,
+            basis,
+            kind,
+        }
     }
     /// Current registry version (cheap: one read lock).
     pub fn version(&self) -> u64 {
@@ -273,7 +310,8 @@ impl ConsentView {
     }
     /// Current compiled set and its version.
     pub fn snapshot(&self) -> (u64, Arc<SubjectSet>) {
-        self.index.subject_set(&self.registry, &self.purpose, self.basis, self.kind)
+        self.index
+            .subject_set(&self.registry, &self.purpose, self.basis, self.kind)
     }
     /// Under `consent`, members are kept; under `public-interest`, members are dropped.
     pub fn keep_members(&self) -> bool {
@@ -341,7 +379,7 @@ mod tests {
         assert!(matches!(dense, SubjectSet::Ints(IntSet::Dense { .. })));
         assert!(matches!(sparse, SubjectSet::Ints(IntSet::Sparse(_))));
         for i in -10..1010 {
-            assert_eq!(dense.contains_i64(i), i >= 0 && i < 1000 && i % 3 == 0, "{i}");
+            assert_eq!(dense.contains_i64(i), (0..1000).contains(&i) && i % 3 == 0, "{i}");
         }
         assert!(sparse.contains_i64(i64::MIN) && sparse.contains_i64(i64::MAX) && !sparse.contains_i64(1));
         assert!(!dense.contains_i64(i64::MIN) && !dense.contains_i64(i64::MAX));

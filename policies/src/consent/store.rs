@@ -38,7 +38,13 @@ const INSERT_CHUNK: usize = 1000;
 impl ConsentStore {
     /// Opens the store on a shared pool and creates its table if needed.
     pub async fn open(pool: SqlitePool) -> Result<Self> {
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(|source| Error::Store { op: "create consent tables", source })?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(|source| Error::Store {
+                op: "create consent tables",
+                source,
+            })?;
         Ok(Self { pool })
     }
 
@@ -46,13 +52,19 @@ impl ConsentStore {
     /// Returns the new highest sequence number.
     pub async fn append(&self, registry: &str, events: &[ConsentEvent]) -> Result<u64> {
         if registry.trim().is_empty() {
-            return Err(Error::InvalidConsentEvent { reason: "registry name is empty".into() });
+            return Err(Error::InvalidConsentEvent {
+                reason: "registry name is empty".into(),
+            });
         }
         let now = chrono::Utc::now().timestamp_micros();
-        let mut tx = self.pool.begin().await.map_err(|source| Error::Store { op: "begin consent append", source })?;
+        let mut tx = self.pool.begin().await.map_err(|source| Error::Store {
+            op: "begin consent append",
+            source,
+        })?;
         for chunk in events.chunks(INSERT_CHUNK) {
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO consent_events (registry, subject_id, purpose, status, at_micros, recorded_at_micros) ");
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO consent_events (registry, subject_id, purpose, status, at_micros, recorded_at_micros) ",
+            );
             qb.push_values(chunk, |mut b, e| {
                 b.push_bind(registry)
                     .push_bind(e.subject_id.as_str())
@@ -61,9 +73,15 @@ impl ConsentStore {
                     .push_bind(e.at_micros)
                     .push_bind(now);
             });
-            qb.build().execute(&mut *tx).await.map_err(|source| Error::Store { op: "insert consent events", source })?;
+            qb.build().execute(&mut *tx).await.map_err(|source| Error::Store {
+                op: "insert consent events",
+                source,
+            })?;
         }
-        tx.commit().await.map_err(|source| Error::Store { op: "commit consent events", source })?;
+        tx.commit().await.map_err(|source| Error::Store {
+            op: "commit consent events",
+            source,
+        })?;
         self.max_seq().await
     }
 
@@ -72,7 +90,10 @@ impl ConsentStore {
         let v: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM consent_events")
             .fetch_one(&self.pool)
             .await
-            .map_err(|source| Error::Store { op: "read consent version", source })?;
+            .map_err(|source| Error::Store {
+                op: "read consent version",
+                source,
+            })?;
         Ok(v.max(0) as u64)
     }
 
@@ -114,7 +135,11 @@ mod tests {
 
     #[tokio::test]
     async fn append_is_atomic_and_ordered() {
-        let pool = SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
         let store = ConsentStore::open(pool).await.unwrap();
         let e = |s: &str, st: &str| ConsentEvent::parse(s, "research", st, "2024-01-01T00:00:00Z").unwrap();
         let many: Vec<_> = (0..2500).map(|i| e(&i.to_string(), "granted")).collect();
@@ -126,6 +151,11 @@ mod tests {
         assert!(store.append(" ", &[e("1", "granted")]).await.is_err());
         assert_eq!(store.max_seq().await.unwrap(), 2501);
         // Append-only: the triggers refuse edits.
-        assert!(sqlx::query("DELETE FROM consent_events").execute(&store.pool).await.is_err());
+        assert!(
+            sqlx::query("DELETE FROM consent_events")
+                .execute(&store.pool)
+                .await
+                .is_err()
+        );
     }
 }

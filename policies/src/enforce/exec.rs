@@ -10,7 +10,8 @@ use datafusion::execution::TaskContext;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties, SendableRecordBatchStream,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties,
+    SendableRecordBatchStream,
 };
 
 use crate::enforce::grant::{ColumnAction, Grant};
@@ -33,7 +34,13 @@ pub struct EnforceExec {
 
 impl EnforceExec {
     /// Builds the node. `outputs` and `subject` index the input's columns.
-    pub fn new(input: Arc<dyn ExecutionPlan>, grant: Arc<Grant>, outputs: Vec<(usize, ColumnAction)>, subject: usize, schema: SchemaRef) -> Self {
+    pub fn new(
+        input: Arc<dyn ExecutionPlan>,
+        grant: Arc<Grant>,
+        outputs: Vec<(usize, ColumnAction)>,
+        subject: usize,
+        schema: SchemaRef,
+    ) -> Self {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&schema)),
             // Partition count is kept; hash expressions of the input do not survive the rewrite.
@@ -41,7 +48,15 @@ impl EnforceExec {
             input.pipeline_behavior(),
             input.boundedness(),
         ));
-        Self { input, grant, outputs, subject, schema, properties, metrics: ExecutionPlanMetricsSet::new() }
+        Self {
+            input,
+            grant,
+            outputs,
+            subject,
+            schema,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
     }
 
     /// The grant this node enforces.
@@ -87,7 +102,10 @@ impl ExecutionPlan for EnforceExec {
         vec![&self.input]
     }
 
-    fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>) -> DfResult<TreeNodeRecursion> {
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
+    ) -> DfResult<TreeNodeRecursion> {
         Ok(TreeNodeRecursion::Continue)
     }
 
@@ -95,9 +113,15 @@ impl ExecutionPlan for EnforceExec {
         vec![true]
     }
 
-    fn with_new_children(self: Arc<Self>, mut children: Vec<Arc<dyn ExecutionPlan>>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
         if children.len() != 1 {
-            return Err(DataFusionError::Internal(format!("EnforceExec takes one child, got {}", children.len())));
+            return Err(DataFusionError::Internal(format!(
+                "EnforceExec takes one child, got {}",
+                children.len()
+            )));
         }
         Ok(Arc::new(EnforceExec::new(
             children.swap_remove(0),

@@ -44,7 +44,9 @@ pub struct EnforceCounters {
 
 impl EnforceCounters {
     pub(crate) fn saw_version(&self, v: u64) {
-        let _ = self.first_consent_version.compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self
+            .first_consent_version
+            .compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed);
         self.last_consent_version.fetch_max(v, Ordering::Relaxed);
     }
     /// Snapshot `(input, output, dropped)`.
@@ -84,16 +86,22 @@ impl Grant {
         consent: Arc<ConsentIndex>,
     ) -> Result<Self> {
         if !decision.allow {
-            return Err(Error::AccessDenied { reason: decision.reason.clone() });
+            return Err(Error::AccessDenied {
+                reason: decision.reason.clone(),
+            });
         }
         policy.validate(&raw_schema)?;
-        let subject_index = raw_schema.index_of(&policy.subject_column).map_err(|_| Error::InvalidManifest {
-            dataset: policy.name.to_string(),
-            reason: format!("subject column `{}` is missing from the source", policy.subject_column),
-        })?;
+        let subject_index = raw_schema
+            .index_of(&policy.subject_column)
+            .map_err(|_| Error::InvalidManifest {
+                dataset: policy.name.to_string(),
+                reason: format!("subject column `{}` is missing from the source", policy.subject_column),
+            })?;
         let subject_type = raw_schema.field(subject_index).data_type();
         if !is_supported_subject_type(subject_type) {
-            return Err(Error::Unsupported { what: format!("subject column of type {subject_type}") });
+            return Err(Error::Unsupported {
+                what: format!("subject column of type {subject_type}"),
+            });
         }
         let kind = match subject_type {
             DataType::Int32 | DataType::Int64 => KeyKind::Int,
@@ -103,7 +111,9 @@ impl Grant {
         let mut fields = Vec::new();
         let mut columns = Vec::new();
         for (i, field) in raw_schema.fields().iter().enumerate() {
-            let Some(col) = policy.columns.get(field.name()) else { continue };
+            let Some(col) = policy.columns.get(field.name()) else {
+                continue;
+            };
             let action = match col.class {
                 ColumnClass::DirectIdentifier => continue,
                 ColumnClass::Identifier => ColumnAction::Pseudonymise,
@@ -120,7 +130,13 @@ impl Grant {
             fields.push(out);
             columns.push((i, action));
         }
-        let consent = ConsentView::new(consent, policy.consent_registry.clone(), purpose.clone(), policy.legal_basis, kind);
+        let consent = ConsentView::new(
+            consent,
+            policy.consent_registry.clone(),
+            purpose.clone(),
+            policy.legal_basis,
+            kind,
+        );
         Ok(Self {
             policy,
             purpose,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, PrimitiveArray, StringBuilder};
 use arrow::buffer::BooleanBuffer;
 use arrow::datatypes::{
-    ArrowPrimitiveType, DataType, Date32Type, Date64Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, TimeUnit,
-    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt8Type, UInt16Type,
-    UInt32Type, UInt64Type,
+    ArrowPrimitiveType, DataType, Date32Type, Date64Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type,
+    Int64Type, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
 };
 
 use crate::classification::Generalisation;
@@ -52,10 +52,14 @@ pub fn consent_mask(col: &dyn Array, set: &SubjectSet, keep_members: bool) -> Re
             let keys = arrow::compute::cast(dict.keys(), &DataType::UInt64)?;
             let keys = keys.as_primitive::<UInt64Type>().values();
             let pv = per_value.values();
-            BooleanBuffer::collect_bool(len, |i| valid(i) && (keys[i] as usize) < pv.len() && pv.value(keys[i] as usize))
+            BooleanBuffer::collect_bool(len, |i| {
+                valid(i) && (keys[i] as usize) < pv.len() && pv.value(keys[i] as usize)
+            })
         }
         other => {
-            return Err(Error::Unsupported { what: format!("subject column of type {other}") });
+            return Err(Error::Unsupported {
+                what: format!("subject column of type {other}"),
+            });
         }
     };
     Ok(BooleanArray::new(bits, None))
@@ -110,16 +114,27 @@ fn truncate_temporal(col: &ArrayRef, to_year: bool) -> Result<ArrayRef> {
     const DAY_S: i64 = 86_400;
     Ok(match col.data_type() {
         DataType::Date32 => {
-            let out: PrimitiveArray<Date32Type> =
-                col.as_primitive::<Date32Type>().unary(|d| truncate_days(i64::from(d), to_year) as i32);
+            let out: PrimitiveArray<Date32Type> = col
+                .as_primitive::<Date32Type>()
+                .unary(|d| truncate_days(i64::from(d), to_year) as i32);
             Arc::new(out)
         }
         DataType::Date64 => truncate_units::<Date64Type>(col, DAY_S * 1000, to_year),
         DataType::Timestamp(TimeUnit::Second, _) => truncate_units::<TimestampSecondType>(col, DAY_S, to_year),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => truncate_units::<TimestampMillisecondType>(col, DAY_S * 1_000, to_year),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => truncate_units::<TimestampMicrosecondType>(col, DAY_S * 1_000_000, to_year),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => truncate_units::<TimestampNanosecondType>(col, DAY_S * 1_000_000_000, to_year),
-        other => return Err(Error::Unsupported { what: format!("date truncation of type {other}") }),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            truncate_units::<TimestampMillisecondType>(col, DAY_S * 1_000, to_year)
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            truncate_units::<TimestampMicrosecondType>(col, DAY_S * 1_000_000, to_year)
+        }
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            truncate_units::<TimestampNanosecondType>(col, DAY_S * 1_000_000_000, to_year)
+        }
+        other => {
+            return Err(Error::Unsupported {
+                what: format!("date truncation of type {other}"),
+            });
+        }
     })
 }
 
@@ -132,10 +147,23 @@ fn prefix(col: &ArrayRef, n: usize) -> Result<ArrayRef> {
     }
     let mut b = StringBuilder::with_capacity(col.len(), col.len() * n);
     match col.data_type() {
-        DataType::Utf8 => col.as_string::<i32>().iter().for_each(|v| b.append_option(v.map(|s| cut(s, n)))),
-        DataType::LargeUtf8 => col.as_string::<i64>().iter().for_each(|v| b.append_option(v.map(|s| cut(s, n)))),
-        DataType::Utf8View => col.as_string_view().iter().for_each(|v| b.append_option(v.map(|s| cut(s, n)))),
-        other => return Err(Error::Unsupported { what: format!("prefix of type {other}") }),
+        DataType::Utf8 => col
+            .as_string::<i32>()
+            .iter()
+            .for_each(|v| b.append_option(v.map(|s| cut(s, n)))),
+        DataType::LargeUtf8 => col
+            .as_string::<i64>()
+            .iter()
+            .for_each(|v| b.append_option(v.map(|s| cut(s, n)))),
+        DataType::Utf8View => col
+            .as_string_view()
+            .iter()
+            .for_each(|v| b.append_option(v.map(|s| cut(s, n)))),
+        other => {
+            return Err(Error::Unsupported {
+                what: format!("prefix of type {other}"),
+            });
+        }
     }
     let out: ArrayRef = Arc::new(b.finish());
     // Keep the declared type so the post-policy schema holds.
@@ -146,7 +174,9 @@ fn bucket(col: &ArrayRef, n: u32) -> Result<ArrayRef> {
     macro_rules! int {
         ($t:ty, $native:ty) => {{
             let width = <$native>::try_from(n).unwrap_or(<$native>::MAX);
-            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| v.div_euclid(width).saturating_mul(width));
+            let out: PrimitiveArray<$t> = col
+                .as_primitive::<$t>()
+                .unary(|v| v.div_euclid(width).saturating_mul(width));
             Arc::new(out) as ArrayRef
         }};
     }
@@ -168,7 +198,11 @@ fn bucket(col: &ArrayRef, n: u32) -> Result<ArrayRef> {
         DataType::UInt64 => int!(UInt64Type, u64),
         DataType::Float32 => float!(Float32Type, f32),
         DataType::Float64 => float!(Float64Type, f64),
-        other => return Err(Error::Unsupported { what: format!("bucketing of type {other}") }),
+        other => {
+            return Err(Error::Unsupported {
+                what: format!("bucketing of type {other}"),
+            });
+        }
     })
 }
 
@@ -179,13 +213,19 @@ mod tests {
     use crate::consent::index::KeyKind;
     use crate::consent::{ConsentEvent, ConsentIndex};
     use crate::purpose::Purpose;
-    use arrow::array::{Date32Array, DictionaryArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::array::{
+        Date32Array, DictionaryArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    };
 
     fn set(kind: KeyKind, granted: &[&str]) -> Arc<SubjectSet> {
         let idx = ConsentIndex::new();
-        let evs: Vec<_> = granted.iter().map(|s| ConsentEvent::parse(s, "a", "granted", "2024-01-01T00:00:00Z").unwrap()).collect();
+        let evs: Vec<_> = granted
+            .iter()
+            .map(|s| ConsentEvent::parse(s, "a", "granted", "2024-01-01T00:00:00Z").unwrap())
+            .collect();
         idx.apply(evs.iter().enumerate().map(|(i, e)| (i as u64 + 1, "r", e)));
-        idx.subject_set("r", &Purpose::parse("a").unwrap(), LegalBasis::Consent, kind).1
+        idx.subject_set("r", &Purpose::parse("a").unwrap(), LegalBasis::Consent, kind)
+            .1
     }
 
     #[test]
@@ -193,15 +233,24 @@ mod tests {
         let s = set(KeyKind::Int, &["1", "3"]);
         let col = Int64Array::from(vec![Some(1), None, Some(2), Some(3)]);
         let m = consent_mask(&col, &s, true).unwrap();
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![Some(true), Some(false), Some(false), Some(true)]);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![Some(true), Some(false), Some(false), Some(true)]
+        );
         let m = consent_mask(&col, &s, false).unwrap();
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![Some(false), Some(false), Some(true), Some(false)]);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![Some(false), Some(false), Some(true), Some(false)]
+        );
         let s = set(KeyKind::Str, &["a", "é"]);
         let col = StringArray::from(vec![Some("a"), Some("b"), None, Some("é")]);
         assert_eq!(consent_mask(&col, &s, true).unwrap().true_count(), 2);
         let dict: DictionaryArray<Int32Type> = vec![Some("a"), None, Some("b"), Some("a")].into_iter().collect();
         let m = consent_mask(&dict, &s, true).unwrap();
-        assert_eq!(m.iter().collect::<Vec<_>>(), vec![Some(true), Some(false), Some(false), Some(true)]);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![Some(true), Some(false), Some(false), Some(true)]
+        );
     }
 
     #[test]
@@ -218,16 +267,26 @@ mod tests {
         // 2024-02-29 and 1969-12-31
         let dates: ArrayRef = Arc::new(Date32Array::from(vec![Some(19_782), Some(-1), None]));
         let y = generalise(&dates, Generalisation::Year).unwrap();
-        assert_eq!(y.as_primitive::<Date32Type>().iter().collect::<Vec<_>>(), vec![Some(19_723), Some(-365), None]);
+        assert_eq!(
+            y.as_primitive::<Date32Type>().iter().collect::<Vec<_>>(),
+            vec![Some(19_723), Some(-365), None]
+        );
         let m = generalise(&dates, Generalisation::Month).unwrap();
         assert_eq!(m.as_primitive::<Date32Type>().value(0), 19_754);
-        let ts: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![19_782 * 86_400_000_000i64 + 5]).with_timezone("UTC"));
+        let ts: ArrayRef =
+            Arc::new(TimestampMicrosecondArray::from(vec![19_782 * 86_400_000_000i64 + 5]).with_timezone("UTC"));
         let t = generalise(&ts, Generalisation::Year).unwrap();
         assert_eq!(t.data_type(), ts.data_type());
-        assert_eq!(t.as_primitive::<TimestampMicrosecondType>().value(0), 19_723 * 86_400_000_000);
+        assert_eq!(
+            t.as_primitive::<TimestampMicrosecondType>().value(0),
+            19_723 * 86_400_000_000
+        );
         let s: ArrayRef = Arc::new(StringArray::from(vec![Some("75013"), Some("é1"), Some("7"), None]));
         let p = generalise(&s, Generalisation::Prefix(2)).unwrap();
-        assert_eq!(p.as_string::<i32>().iter().collect::<Vec<_>>(), vec![Some("75"), Some("é1"), Some("7"), None]);
+        assert_eq!(
+            p.as_string::<i32>().iter().collect::<Vec<_>>(),
+            vec![Some("75"), Some("é1"), Some("7"), None]
+        );
         let f: ArrayRef = Arc::new(Float64Array::from(vec![7.9, -0.5]));
         let b = generalise(&f, Generalisation::Bucket(5)).unwrap();
         assert_eq!(b.as_primitive::<Float64Type>().values().to_vec(), vec![5.0, -5.0]);

@@ -25,7 +25,10 @@ impl GuardedTable {
     /// Wraps a raw source (from connectors) with a grant. This is the only consumer of raw
     /// sources on the request path.
     pub fn new(raw: Arc<dyn TableProvider>, grant: Grant) -> Self {
-        Self { raw, grant: Arc::new(grant) }
+        Self {
+            raw,
+            grant: Arc::new(grant),
+        }
     }
 
     /// The grant (for counters and audit).
@@ -74,7 +77,9 @@ impl TableProvider for GuardedTable {
         let mut outputs = Vec::with_capacity(wanted.len());
         for out in &wanted {
             let (raw, action) = self.grant.columns.get(*out).copied().ok_or_else(|| {
-                datafusion::error::DataFusionError::Plan(format!("column index {out} is out of range for the guarded table"))
+                datafusion::error::DataFusionError::Plan(format!(
+                    "column index {out} is out of range for the guarded table"
+                ))
             })?;
             outputs.push((position(raw, &mut raw_projection), action));
         }
@@ -83,6 +88,12 @@ impl TableProvider for GuardedTable {
         // would under-fill, and filters below it would see hidden rows.
         let input = self.raw.scan(state, Some(&raw_projection), &[], None).await?;
         let schema = Arc::new(self.grant.schema.project(&wanted)?);
-        Ok(Arc::new(EnforceExec::new(input, Arc::clone(&self.grant), outputs, subject, schema)))
+        Ok(Arc::new(EnforceExec::new(
+            input,
+            Arc::clone(&self.grant),
+            outputs,
+            subject,
+            schema,
+        )))
     }
 }

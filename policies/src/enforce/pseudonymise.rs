@@ -49,7 +49,9 @@ impl Pseudonymiser {
         kdf.update(b"passerelle/pseudonym/v1/");
         kdf.update(org.as_bytes());
         let k_org = kdf.finalize().into_bytes();
-        Self { keyed: HmacSha256::new_from_slice(&k_org).unwrap_or_else(|_| keyed_zero()) }
+        Self {
+            keyed: HmacSha256::new_from_slice(&k_org).unwrap_or_else(|_| keyed_zero()),
+        }
     }
 
     #[inline]
@@ -88,18 +90,33 @@ impl Pseudonymiser {
                     push(v.map(|v| buf.format(v).as_bytes()), &mut out);
                 }
             }
-            DataType::Utf8 => col.as_string::<i32>().iter().for_each(|v| push(v.map(str::as_bytes), &mut out)),
-            DataType::LargeUtf8 => col.as_string::<i64>().iter().for_each(|v| push(v.map(str::as_bytes), &mut out)),
-            DataType::Utf8View => col.as_string_view().iter().for_each(|v| push(v.map(str::as_bytes), &mut out)),
+            DataType::Utf8 => col
+                .as_string::<i32>()
+                .iter()
+                .for_each(|v| push(v.map(str::as_bytes), &mut out)),
+            DataType::LargeUtf8 => col
+                .as_string::<i64>()
+                .iter()
+                .for_each(|v| push(v.map(str::as_bytes), &mut out)),
+            DataType::Utf8View => col
+                .as_string_view()
+                .iter()
+                .for_each(|v| push(v.map(str::as_bytes), &mut out)),
             DataType::Dictionary(_, _) => {
                 // Pseudonymise the (small) dictionary once, then expand through the keys.
                 let dict = col.as_any_dictionary();
                 let values = self.apply(dict.values())?;
-                let expanded = arrow::compute::take(values.as_ref(), &arrow::compute::cast(dict.keys(), &DataType::UInt32)?, None)?;
+                let expanded = arrow::compute::take(
+                    values.as_ref(),
+                    &arrow::compute::cast(dict.keys(), &DataType::UInt32)?,
+                    None,
+                )?;
                 return Ok(expanded);
             }
             other => {
-                return Err(Error::Unsupported { what: format!("pseudonymising a column of type {other}") });
+                return Err(Error::Unsupported {
+                    what: format!("pseudonymising a column of type {other}"),
+                });
             }
         }
         Ok(Arc::new(out.finish()))
@@ -131,7 +148,11 @@ mod tests {
         assert!(pa.is_null(1) && pb.is_null(1));
         assert_ne!(pa.value(0), pb.value(0));
         assert_eq!(pa.value(0).len(), 32);
-        assert!(pa.value(0).bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            pa.value(0)
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         let dict: DictionaryArray<Int8Type> = vec!["123", "7", "123"].into_iter().collect();
         let pd = a.apply(&(Arc::new(dict) as ArrayRef)).unwrap();
         assert_eq!(pd.as_string::<i32>().value(2), pa.value(0));

@@ -76,7 +76,11 @@ impl EnforceStream {
             return Ok(None);
         }
         let set = self.current_consent();
-        let mask = consent_mask(batch.column(self.subject).as_ref(), &set, self.grant.consent.keep_members())?;
+        let mask = consent_mask(
+            batch.column(self.subject).as_ref(),
+            &set,
+            self.grant.consent.keep_members(),
+        )?;
         let kept = mask.true_count();
         let dropped = (n - kept) as u64;
         counters.dropped_no_consent.fetch_add(dropped, Ordering::Relaxed);
@@ -98,7 +102,11 @@ impl EnforceStream {
                 ColumnAction::Generalise(g) => generalise(&col, *g)?,
             });
         }
-        let out = RecordBatch::try_new_with_options(Arc::clone(&self.schema), columns, &RecordBatchOptions::new().with_row_count(Some(kept)))?;
+        let out = RecordBatch::try_new_with_options(
+            Arc::clone(&self.schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(kept)),
+        )?;
         counters.output_rows.fetch_add(kept as u64, Ordering::Relaxed);
         Ok(Some(out))
     }
