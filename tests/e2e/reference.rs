@@ -88,7 +88,6 @@ pub fn fingerprint(batches: &[RecordBatch], keep: Option<&HashSet<i64>>) -> Vec<
             {
                 continue;
             }
-            }
             out.push((at.value(i), h.value(i).to_bits(), d.value(i).to_string()));
         }
     }
