@@ -35,6 +35,6 @@ mod tests {
     fn is_send_sync_and_small() {
         fn assert_send_sync<T: Send + Sync + 'static>() {}
         assert_send_sync::<Error>();
-        assert!(std::mem::size_of::<Error>() <= 64);
+        assert!(size_of::<Error>() <= 64);
     }
 }
