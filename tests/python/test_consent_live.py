@@ -50,8 +50,13 @@ def check_change(gw: Gateway, c: flight.FlightClient, subject: str, change: Call
     change()
 
     def changed():
+        # A stream that was running when the change landed is itself cut over mid-stream (consent is re-read at every
+        # batch boundary), so it may carry only part of the subject's rows: wait for a stream with all of them
+        # (grant) or none of them under the subject's pseudonym (withdrawal).
         g = _groups(gw, c, purpose)
-        return g if (_find(g, signature) is not None) == present_after else None
+        if present_after:
+            return g if _find(g, signature) is not None else None
+        return g if p_before not in g else None
 
     after, seconds = poll_until(changed, deadline=POLL_DEADLINE,
                                 what=f"subject {subject} {'appears' if present_after else 'disappears'}")
