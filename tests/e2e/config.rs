@@ -1,0 +1,21 @@
+//! The example configurations in deploy/config/ are documentation: each must load and validate.
+
+use passerelle::config::GatewayConfig;
+
+#[test]
+fn every_example_config_loads() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().ends_with(".example.toml") {
+            let cfg = GatewayConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(cfg.data_dir.is_some(), "{}", path.display());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected the example configs in {}", dir.display());
+    let node = GatewayConfig::load(&dir.join("node.example.toml")).unwrap();
+    assert_eq!(node.server.flight_addr, "0.0.0.0:50051");
+    assert_eq!(node.tickets.ttl_secs, 600);
+}
