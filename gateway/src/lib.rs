@@ -15,6 +15,8 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+#[cfg(feature = "bench")]
+pub mod bench_support;
 pub mod catalog;
 pub mod cli;
 pub mod config;

@@ -5,7 +5,7 @@
 // Test code: panicking on unexpected results is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod flight;
 mod config;
+mod flight;
 mod reference;
 mod withdrawal;
