@@ -10,7 +10,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use passerelle_policies::consent::ConsentEvent;
 use passerelle_policies::{DatasetId, Permit, Principal, Purpose, Role};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -35,7 +34,12 @@ pub fn router(node: Arc<Node>) -> Router {
             post(consent_events).layer(DefaultBodyLimit::max(CONSENT_BODY_LIMIT)),
         )
         .route("/api/v1/audit", get(audit))
-        .fallback(|| async { Error::invalid("no such endpoint", "see the README for the REST API") })
+        .route("/api/v1/policy/explain", get(explain))
+        .route("/api/v1/datasets/{name}/rules", post(add_rule))
+        .fallback(|| async { Error::NoSuchEndpoint })
+        .method_not_allowed_fallback(|| async {
+            Error::invalid("method not allowed on this endpoint", "see the README for the REST API")
+        })
         .with_state(node)
 }
 
@@ -107,6 +111,8 @@ struct PermitBody {
     org: String,
     purpose: String,
     expires: Option<String>,
+    #[serde(default)]
+    special_category: bool,
 }
 
 async fn add_permit(
@@ -145,6 +151,7 @@ async fn add_permit(
         org: b.org,
         purpose,
         expires,
+        special_category: b.special_category,
     };
     node.add_permit(&permit).await?;
     node.refresh().await?;
@@ -156,23 +163,21 @@ async fn add_permit(
     ))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventBody {
-    subject_id: Value,
-    purpose: String,
-    status: String,
-    timestamp: String,
-}
-
-/// Stewards may write to a registry only if every dataset using it belongs to their organisation.
-pub(crate) fn check_registry_owner(node: &Node, who: &Principal, registry: &str) -> Result<()> {
-    for m in node.snapshot().datasets.values() {
-        if m.policy().consent_registry == registry {
-            node.require_steward_of(who, &m.controller)?;
-        }
+/// Stewards write only to registries their organisation owns (claiming a new one on first use).
+/// A registry owned by another organisation is reported as not found.
+pub(crate) async fn check_registry_owner(node: &Node, who: &Principal, registry: &str) -> Result<()> {
+    if who.role == Role::Admin {
+        return Ok(());
     }
-    node.require_steward_of(who, &who.org)
+    node.require_steward_of(who, &who.org)?;
+    passerelle_policies::authz::check_policy_value(registry)?;
+    let owner = node.meta.claim_registry(registry, &who.org).await?;
+    if owner != who.org {
+        return Err(Error::RegistryNotFound {
+            name: registry.to_string(),
+        });
+    }
+    Ok(())
 }
 
 async fn consent_events(
@@ -182,27 +187,16 @@ async fn consent_events(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>)> {
     let who = caller(&node, &headers)?;
-    check_registry_owner(&node, &who, &registry)?;
-    let hint = "send a JSON array of {\"subject_id\", \"purpose\", \"status\": \"granted|withdrawn\", \"timestamp\": RFC 3339}";
-    let raw: Vec<EventBody> = parse_json(&body, hint)?;
+    check_registry_owner(&node, &who, &registry).await?;
+    let hint = "send a JSON array of {\"subject_id\", \"purpose\", \"status\": \"granted|withdrawn\", \"timestamp\": RFC 3339, \"expires_at\"?: RFC 3339}";
+    let raw: Vec<Value> = parse_json(&body, hint)?;
     if raw.is_empty() {
         return Err(Error::invalid("no events in the request", hint));
     }
     let mut events = Vec::with_capacity(raw.len());
-    for (i, e) in raw.iter().enumerate() {
-        let subject = match &e.subject_id {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            _ => {
-                return Err(Error::invalid(
-                    format!("event {i}: subject_id must be a string or an integer"),
-                    hint,
-                ));
-            }
-        };
+    for (i, v) in raw.into_iter().enumerate() {
         events.push(
-            ConsentEvent::parse(&subject, &e.purpose, &e.status, &e.timestamp)
-                .map_err(|err| Error::invalid(format!("event {i}: {err}"), hint))?,
+            crate::consent_file::parse_json_value(v).map_err(|e| Error::invalid(format!("event {i}: {e}"), hint))?,
         );
     }
     let version = node.append_consent(&registry, &events).await?;
@@ -211,6 +205,71 @@ async fn consent_events(
         StatusCode::CREATED,
         Json(json!({ "accepted": events.len(), "consent_version": version })),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainQuery {
+    principal: String,
+    dataset: String,
+    purpose: String,
+}
+
+async fn explain(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    query: std::result::Result<Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>> {
+    let who = caller(&node, &headers)?;
+    let Query(q) = query.map_err(|e| {
+        Error::invalid(
+            format!("bad query string: {e}"),
+            "use ?principal=NAME&dataset=NAME&purpose=PURPOSE",
+        )
+    })?;
+    let purpose = Purpose::parse(&q.purpose)?;
+    let e = crate::explain::explain(&node, Some(&who), &q.principal, &q.dataset, &purpose).await?;
+    Ok(Json(serde_json::to_value(e).unwrap_or(Value::Null)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleBody {
+    /// Only `deny` for now: stewards restrict, permits allow.
+    effect: String,
+    purpose: String,
+    #[serde(default = "star")]
+    domain: String,
+    expires: Option<String>,
+}
+
+fn star() -> String {
+    "*".into()
+}
+
+async fn add_rule(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
+    let who = caller(&node, &headers)?;
+    let m = node.snapshot().visible_dataset(&who, &name)?;
+    node.require_steward_of(&who, &m.controller)?;
+    let b: RuleBody = parse_json(
+        &body,
+        "send {\"effect\": \"deny\", \"purpose\": \"...\", \"domain\": \"*|DE/*|org\"}",
+    )?;
+    if b.effect != "deny" {
+        return Err(Error::invalid(
+            "only `deny` rules can be added per dataset",
+            "grant access with a permit",
+        ));
+    }
+    let line = crate::node::deny_line(&name, &b.purpose, &b.domain, b.expires.as_deref())?;
+    let id = node.meta.add_rule(&line, &who.name).await?;
+    node.refresh().await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id, "line": line }))))
 }
 
 async fn audit(

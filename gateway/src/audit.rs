@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS audit (
     reason          TEXT    NOT NULL,
     consent_version INTEGER NOT NULL,
     consent_version_last INTEGER,
+    policy_version  TEXT    NOT NULL DEFAULT '',
     rows_sent       INTEGER NOT NULL DEFAULT 0,
     rows_withheld   INTEGER NOT NULL DEFAULT 0,
     status          TEXT    NOT NULL CHECK (status IN ('requested', 'completed', 'failed')),
@@ -38,7 +39,8 @@ WHEN OLD.status != 'requested'
   OR NEW.organisation IS NOT OLD.organisation OR NEW.member_state IS NOT OLD.member_state
   OR NEW.purpose IS NOT OLD.purpose OR NEW.dataset IS NOT OLD.dataset OR NEW.columns IS NOT OLD.columns
   OR NEW.filter IS NOT OLD.filter OR NEW.action IS NOT OLD.action OR NEW.decision IS NOT OLD.decision
-  OR NEW.consent_version IS NOT OLD.consent_version
+  OR NEW.reason IS NOT OLD.reason
+  OR NEW.consent_version IS NOT OLD.consent_version OR NEW.policy_version IS NOT OLD.policy_version
 BEGIN SELECT RAISE(ABORT, 'audit entries are only updated by their completion'); END;
 ";
 
@@ -91,6 +93,8 @@ pub struct AuditEntry {
     pub reason: String,
     /// Consent version at decision time.
     pub consent_version: u64,
+    /// Fingerprint of the policy that decided.
+    pub policy_version: String,
 }
 
 /// A stored audit entry, as listed to auditors.
@@ -110,6 +114,7 @@ pub struct AuditRecord {
     pub reason: String,
     pub consent_version: i64,
     pub consent_version_last: Option<i64>,
+    pub policy_version: String,
     pub rows_sent: i64,
     pub rows_withheld: i64,
     pub status: String,
@@ -168,8 +173,8 @@ impl AuditLog {
         let status = if final_entry { "completed" } else { "requested" };
         let completed_at = final_entry.then(now_text);
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO audit (time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, status, completed_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO audit (time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, policy_version, status, completed_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(now_text())
         .bind(&e.principal)
@@ -183,6 +188,7 @@ impl AuditLog {
         .bind(if e.allow { "allow" } else { "deny" })
         .bind(&e.reason)
         .bind(e.consent_version as i64)
+        .bind(&e.policy_version)
         .bind(status)
         .bind(completed_at)
         .fetch_one(&self.pool)
@@ -211,7 +217,7 @@ impl AuditLog {
     /// Lists entries, newest first.
     pub async fn list(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, consent_version_last, rows_sent, rows_withheld, status, completed_at FROM audit WHERE 1 = 1",
+            "SELECT id, time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, consent_version_last, policy_version, rows_sent, rows_withheld, status, completed_at FROM audit WHERE 1 = 1",
         );
         if let Some(d) = &q.dataset {
             qb.push(" AND dataset = ").push_bind(d.clone());
@@ -245,10 +251,11 @@ impl AuditLog {
                     reason: r.get(11),
                     consent_version: r.get(12),
                     consent_version_last: r.get(13),
-                    rows_sent: r.get(14),
-                    rows_withheld: r.get(15),
-                    status: r.get(16),
-                    completed_at: r.get(17),
+                    policy_version: r.get(14),
+                    rows_sent: r.get(15),
+                    rows_withheld: r.get(16),
+                    status: r.get(17),
+                    completed_at: r.get(18),
                 }
             })
             .collect())
@@ -280,6 +287,7 @@ mod tests {
             allow: true,
             reason: "ok".into(),
             consent_version: 3,
+            policy_version: "abc".into(),
         };
         let id = log.append(&e, false).await.unwrap();
         log.complete(

@@ -32,18 +32,36 @@ pub struct DataCommand {
     pub limit: Option<u64>,
 }
 
+/// Longest filter accepted (it travels inside the ticket).
+const MAX_FILTER_BYTES: usize = 4096;
+/// Most columns a command may name.
+const MAX_COLUMNS: usize = 1024;
+
 const COMMAND_HINT: &str =
     "send {\"dataset\": \"name\", \"columns\": [..], \"filter\": \"sql expression\", \"limit\": n}";
 
 impl DataCommand {
     /// Parses the JSON form used in Flight descriptors.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| {
+        let cmd: Self = serde_json::from_slice(bytes).map_err(|e| {
             Error::invalid(
                 format!("command is not valid JSON for a data request: {e}"),
                 COMMAND_HINT,
             )
-        })
+        })?;
+        if cmd.filter.as_ref().is_some_and(|f| f.len() > MAX_FILTER_BYTES) {
+            return Err(Error::invalid(
+                format!("filter is longer than {MAX_FILTER_BYTES} bytes"),
+                "simplify the filter",
+            ));
+        }
+        if cmd.columns.as_ref().is_some_and(|c| c.len() > MAX_COLUMNS) {
+            return Err(Error::invalid(
+                format!("more than {MAX_COLUMNS} columns requested"),
+                COMMAND_HINT,
+            ));
+        }
+        Ok(cmd)
     }
 }
 
@@ -123,7 +141,16 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
     }
 
     let ctx0 = source_context();
-    let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source()).await?;
+    // Source failures are the operator's to fix and may name storage paths: log, do not send.
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::error!(dataset = %cmd.dataset, error = %e, "dataset source unavailable");
+        Error::SourceUnavailable {
+            name: cmd.dataset.clone(),
+        }
+    };
+    let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source())
+        .await
+        .map_err(|e| unavailable(&e))?;
     let raw_schema = raw.schema();
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
@@ -146,7 +173,14 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
         purpose.clone(),
         node.pseudonymiser(&principal.org),
         Arc::clone(&node.consent),
-    )?;
+    )
+    .map_err(|e| match e {
+        // The source drifted from its registration (a column vanished or changed type).
+        passerelle_policies::Error::InvalidManifest { .. } | passerelle_policies::Error::Unsupported { .. } => {
+            unavailable(&e)
+        }
+        other => Error::Policy(other),
+    })?;
     let counters = grant.counters();
     let consent_version = grant.consent_version();
     let table = GuardedTable::new(raw, grant);

@@ -54,9 +54,57 @@ pub enum Command {
     /// Read the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Inspect and change access policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Explain a decision: rule, rows and columns withheld.
+    Explain {
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        purpose: String,
+        /// Configuration file naming policy files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Forbid a purpose (and its sub-purposes) on a dataset; deny beats every permit.
+    Deny {
+        /// Dataset name, or `*` for all.
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        purpose: String,
+        /// Who: `*`, a member state `DE/*`, or an organisation `dkfz` / `DE/dkfz`.
+        #[arg(long, default_value = "*")]
+        domain: String,
+        /// Expiry, RFC 3339.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Add a raw policy line (`p, sub, dom, obj, act, exp, allow|deny`).
+    Add {
+        #[arg(long)]
+        line: String,
+    },
+    /// List stored policy lines.
+    List,
+    /// Remove a stored policy line by id.
+    Remove {
+        #[arg(long)]
+        id: i64,
+    },
+    /// Make running servers re-read policy files and stored lines now.
+    Reload,
 }
 
 /// `serve` flags.
@@ -124,13 +172,17 @@ pub enum PermitCmd {
         /// Expiry, RFC 3339.
         #[arg(long)]
         expires: Option<String>,
+        /// The permit covers special-category (GDPR Art. 9) columns.
+        #[arg(long)]
+        special_category: bool,
     },
 }
 
 /// `consent` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ConsentCmd {
-    /// Import events from CSV (`subject_id,purpose,status,timestamp`).
+    /// Import events from CSV (`subject_id,purpose,status,timestamp[,expires_at]`) or JSON Lines
+    /// (`.jsonl`).
     Import {
         #[arg(long)]
         registry: String,
@@ -209,6 +261,70 @@ pub fn effective_config(
     Ok(cfg)
 }
 
+async fn run_policy(cli: &Cli, node: &Node, cmd: &PolicyCmd) -> anyhow::Result<()> {
+    let j = cli.json;
+    match cmd {
+        PolicyCmd::Explain {
+            principal,
+            dataset,
+            purpose,
+            config,
+        } => {
+            let cfg = effective_config(cli, config.as_ref(), None)?;
+            let node = Node::open_with(&cli.data_dir, cfg.policy).await?;
+            node.refresh().await.context("loading policy and consent")?;
+            let e = crate::explain::explain(&node, None, principal, dataset, &Purpose::parse(purpose)?).await?;
+            print(j, serde_json::to_value(&e)?, || e.render());
+        }
+        PolicyCmd::Deny {
+            dataset,
+            purpose,
+            domain,
+            expires,
+        } => {
+            let line = crate::node::deny_line(dataset, purpose, domain, expires.as_deref())?;
+            let id = node.meta.add_rule(&line, "cli").await?;
+            print(j, json!({ "id": id, "line": line }), || {
+                format!("rule {id} added: {line}")
+            });
+        }
+        PolicyCmd::Add { line } => {
+            passerelle_policies::authz::check_policy_text("--line", line)?;
+            let id = node.meta.add_rule(line.trim(), "cli").await?;
+            print(j, json!({ "id": id, "line": line.trim() }), || {
+                format!("rule {id} added")
+            });
+        }
+        PolicyCmd::List => {
+            let rules = node.meta.rules().await?;
+            let v: Vec<_> = rules
+                .iter()
+                .map(|(id, line, by)| json!({ "id": id, "line": line, "created_by": by }))
+                .collect();
+            print(j, json!(v), || {
+                rules
+                    .iter()
+                    .map(|(id, l, by)| format!("{id}\t{l}\t({by})"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        PolicyCmd::Remove { id } => {
+            if !node.meta.remove_rule(*id).await? {
+                bail!("no stored policy line with id {id}");
+            }
+            print(j, json!({ "removed": id }), || format!("rule {id} removed"));
+        }
+        PolicyCmd::Reload => {
+            node.meta.request_reload().await?;
+            print(j, json!({ "reload": "requested" }), || {
+                "running servers reload their policy within a second".into()
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs one non-serve command against the data directory.
 pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
     let j = cli.json;
@@ -222,6 +338,7 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
         .with_context(|| format!("opening data directory {}", cli.data_dir.display()))?;
     match &cli.command {
         Command::Serve(_) | Command::Config(_) => bail!("not an admin command"),
+        Command::Policy(cmd) => run_policy(cli, &node, cmd).await?,
         Command::Principal(PrincipalCmd::Add {
             name,
             org,
@@ -276,6 +393,7 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
             org,
             purpose,
             expires,
+            special_category,
         }) => {
             let expires_at: Option<DateTime<Utc>> = expires
                 .as_deref()
@@ -297,6 +415,7 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
                 org: org.clone(),
                 purpose: purpose.clone(),
                 expires: expires_at,
+                special_category: *special_category,
             })
             .await?;
             print(
@@ -307,7 +426,7 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Consent(ConsentCmd::Import { registry, file }) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-            let events = crate::demo::parse_consent_csv(&text)?;
+            let events = crate::consent_file::parse_file(file, &text)?;
             let started = std::time::Instant::now();
             let version = node.append_consent(registry, &events).await?;
             print(

@@ -72,6 +72,8 @@ pub struct GatewayConfig {
     pub tickets: TicketOptions,
     /// Demo.
     pub demo: DemoOptions,
+    /// Policy files (hot-reloaded when they change).
+    pub policy: crate::node::PolicyOptions,
 }
 
 impl GatewayConfig {

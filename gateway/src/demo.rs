@@ -15,7 +15,6 @@ use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use passerelle_policies::consent::ConsentEvent;
 use passerelle_policies::{DatasetId, Permit, Principal, Purpose, Role};
 use serde_json::json;
 
@@ -181,40 +180,6 @@ pub fn consent_csv(subjects: u64) -> String {
     out
 }
 
-/// Parses consent CSV (`subject_id,purpose,status,timestamp`), naming the line of any error.
-pub fn parse_consent_csv(text: &str) -> Result<Vec<ConsentEvent>> {
-    let hint =
-        "the header is subject_id,purpose,status,timestamp; status is granted or withdrawn; timestamps are RFC 3339";
-    let mut lines = text.lines().enumerate();
-    match lines.next() {
-        Some((_, h)) if h.trim().trim_start_matches('\u{feff}') == "subject_id,purpose,status,timestamp" => {}
-        _ => {
-            return Err(Error::invalid(
-                "consent CSV must start with the header `subject_id,purpose,status,timestamp`",
-                hint,
-            ));
-        }
-    }
-    let mut events = Vec::new();
-    for (i, line) in lines {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let fields: Vec<&str> = line.split(',').collect();
-        if fields.len() != 4 {
-            return Err(Error::invalid(
-                format!("line {}: expected 4 fields, found {}", i + 1, fields.len()),
-                hint,
-            ));
-        }
-        events.push(
-            ConsentEvent::parse(fields[0], fields[1], fields[2], fields[3])
-                .map_err(|e| Error::invalid(format!("line {}: {e}", i + 1), hint))?,
-        );
-    }
-    Ok(events)
-}
-
 fn manifest_toml(location: &str) -> String {
     format!(
         r#"name = "{DEMO_DATASET}"
@@ -268,7 +233,8 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
 
     let manifest = Manifest::from_toml(&toml)?;
     node.register_dataset(&manifest).await?;
-    node.append_consent(DEMO_REGISTRY, &parse_consent_csv(&csv)?).await?;
+    node.append_consent(DEMO_REGISTRY, &crate::consent_file::parse_csv(&csv)?)
+        .await?;
     let people = [
         ("steward-fr", "aphp", "FR", Role::Steward),
         ("trainer-de", "dkfz", "DE", Role::Trainer),
@@ -302,6 +268,7 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
         org: "dkfz".into(),
         purpose: Purpose::parse("research/ai-training")?,
         expires: None,
+        special_category: false,
     })
     .await?;
 
@@ -349,13 +316,8 @@ mod tests {
     #[test]
     fn consent_csv_parses_and_has_the_advertised_mix() {
         let csv = consent_csv(10_000);
-        let events = parse_consent_csv(&csv).unwrap();
+        let events = crate::consent_file::parse_csv(&csv).unwrap();
         assert!(events.len() > 8_000);
-        assert!(parse_consent_csv("subject_id,purpose\n").is_err());
-        let err = parse_consent_csv("subject_id,purpose,status,timestamp\n1,research,maybe,2024-01-01T00:00:00Z\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

@@ -102,6 +102,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A dataset's source cannot be read right now. The cause (which may name storage paths) is
+    /// logged, not sent.
+    #[error("dataset `{name}` is unavailable right now; try again later or contact its steward")]
+    SourceUnavailable { name: String },
+    /// A consent registry that does not exist for the caller's organisation.
+    #[error("consent registry `{name}` not found among your organisation's registries")]
+    RegistryNotFound { name: String },
+    /// Policy files (or stored lines) that do not load; the previous policy stays in force.
+    #[error("policy refused, the previous policy stays in force: {message}")]
+    PolicyRefused { message: String },
+    /// No REST endpoint at this path.
+    #[error("no such endpoint")]
+    NoSuchEndpoint,
     /// Anything else that is our fault.
     #[error("{0}")]
     Internal(String),
@@ -128,12 +141,16 @@ impl Error {
     pub fn status(&self) -> StatusClass {
         match self {
             Error::Unauthenticated { .. } => StatusClass::Unauthenticated,
-            Error::DatasetNotFound { .. } => StatusClass::NotFound,
+            Error::DatasetNotFound { .. } | Error::NoSuchEndpoint | Error::RegistryNotFound { .. } => {
+                StatusClass::NotFound
+            }
             Error::PermissionDenied { .. } => StatusClass::PermissionDenied,
             Error::InvalidArgument { .. } => StatusClass::InvalidArgument,
             Error::AlreadyExists { .. } => StatusClass::AlreadyExists,
+            Error::PolicyRefused { .. } => StatusClass::InvalidArgument,
             Error::Policy(p) => policy_status(p),
             Error::Connector(_) => StatusClass::InvalidArgument,
+            Error::SourceUnavailable { .. } => StatusClass::Unavailable,
             Error::DataFusion(e) => classify_datafusion(e),
             Error::Store { .. } | Error::Io { .. } | Error::Internal(_) => StatusClass::Internal,
         }
@@ -173,6 +190,7 @@ fn policy_status(p: &passerelle_policies::Error) -> StatusClass {
         | P::InvalidPolicyLine { .. }
         | P::Unsupported { .. } => StatusClass::InvalidArgument,
         P::AccessDenied { .. } => StatusClass::PermissionDenied,
+        P::SourceRead { .. } => StatusClass::Unavailable,
         P::Store { .. } | P::Casbin { .. } | P::Arrow(_) => StatusClass::Internal,
     }
 }
@@ -186,7 +204,10 @@ fn classify_datafusion(e: &DataFusionError) -> StatusClass {
             }
             StatusClass::Internal
         }
-        DataFusionError::Plan(_)
+        // Raw-source failures are wrapped by the gate (`SourceRead`), so execution errors that
+        // reach here come from the caller's own expressions above the gate.
+        DataFusionError::Execution(_)
+        | DataFusionError::Plan(_)
         | DataFusionError::SQL(_, _)
         | DataFusionError::SchemaError(_, _)
         | DataFusionError::NotImplemented(_) => StatusClass::InvalidArgument,

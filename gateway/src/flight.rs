@@ -139,6 +139,7 @@ impl FlightHandler {
                 Err(e) => e.public_message(),
             },
             consent_version: registry_version,
+            policy_version: self.node.snapshot().authorizer.version().to_string(),
         };
         self.node.audit.append(&entry, final_entry).await
     }

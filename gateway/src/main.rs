@@ -24,6 +24,26 @@ async fn main() -> anyhow::Result<()> {
         let key = keys["trainer-de"]["key"].as_str().unwrap_or("<see demo-keys.json>");
         println!("{}", passerelle::demo::snippet(&app.flight_addr().to_string(), key));
     }
+    #[cfg(unix)]
+    {
+        // SIGHUP: re-read policy files and stored rules now (they are also picked up within a second).
+        let node = app.node();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading policy");
+                if let Err(e) = node.meta.request_reload().await {
+                    tracing::error!(error = %e, "could not request a policy reload");
+                }
+                if let Err(e) = node.refresh().await {
+                    tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+                }
+            }
+        });
+    }
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;

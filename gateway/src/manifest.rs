@@ -35,6 +35,9 @@ pub struct Manifest {
     pub purposes: Vec<Purpose>,
     /// Classification of every column.
     pub columns: BTreeMap<String, ColumnPolicy>,
+    /// `sensitive` columns are special-category data (GDPR Art. 9).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub special_category: bool,
 }
 
 const MANIFEST_HINT: &str = "see the manifest format in the README (name, location, format, member_state, controller, subject_column, legal_basis, purposes, [columns])";
@@ -70,6 +73,7 @@ impl Manifest {
             consent_registry: self.consent_registry.clone().unwrap_or_else(|| self.name.to_string()),
             purposes: self.purposes.clone(),
             columns: self.columns.clone(),
+            special_category: self.special_category,
         }
     }
 }

@@ -35,14 +35,25 @@ CREATE TABLE IF NOT EXISTS datasets (
     manifest      TEXT NOT NULL,
     registered_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS consent_registries (
+    name      TEXT PRIMARY KEY,
+    owner_org TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS permits (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     dataset    TEXT NOT NULL REFERENCES datasets(name),
     org        TEXT NOT NULL,
     purpose    TEXT NOT NULL,
     expires_at TEXT,
+    special_category INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     UNIQUE (dataset, org, purpose)
+);
+CREATE TABLE IF NOT EXISTS policy_rules (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    line       TEXT NOT NULL UNIQUE,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL
 );
 ";
 
@@ -203,18 +214,91 @@ impl MetaStore {
             .collect()
     }
 
+    /// Adds a policy line (already checked by the caller); returns its id.
+    pub async fn add_rule(&self, line: &str, created_by: &str) -> Result<i64> {
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        let res =
+            sqlx::query_scalar("INSERT INTO policy_rules (line, created_by, created_at) VALUES (?, ?, ?) RETURNING id")
+                .bind(line)
+                .bind(created_by)
+                .bind(now_text())
+                .fetch_one(&mut *tx)
+                .await;
+        let id: i64 = match res {
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                return Err(Error::AlreadyExists {
+                    what: format!("policy line `{line}`"),
+                });
+            }
+            other => other.map_err(Error::store("insert policy rule"))?,
+        };
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit policy rule"))?;
+        Ok(id)
+    }
+
+    /// Removes a stored policy line.
+    pub async fn remove_rule(&self, id: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        let n = sqlx::query("DELETE FROM policy_rules WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::store("delete policy rule"))?;
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit"))?;
+        Ok(n.rows_affected() > 0)
+    }
+
+    /// Stored policy lines `(id, line, created_by)`, oldest first.
+    pub async fn rules(&self) -> Result<Vec<(i64, String, String)>> {
+        let rows = sqlx::query("SELECT id, line, created_by FROM policy_rules ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list policy rules"))?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// Forces running servers to rebuild their policy (re-reading policy files).
+    pub async fn request_reload(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit"))
+    }
+
+    /// The organisation owning a consent registry, if it has one.
+    pub async fn registry_owner(&self, registry: &str) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT owner_org FROM consent_registries WHERE name = ?")
+            .bind(registry)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::store("read registry owner"))
+    }
+
+    /// Claims a registry for `org` if nobody owns it; returns the owner afterwards.
+    pub async fn claim_registry(&self, registry: &str, org: &str) -> Result<String> {
+        sqlx::query("INSERT OR IGNORE INTO consent_registries (name, owner_org) VALUES (?, ?)")
+            .bind(registry)
+            .bind(org)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::store("claim registry"))?;
+        Ok(self.registry_owner(registry).await?.unwrap_or_default())
+    }
+
     /// Adds (or renews, with a new expiry) a permit for an existing dataset.
     pub async fn upsert_permit(&self, p: &Permit) -> Result<()> {
         let expires = p.expires.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
         let res = sqlx::query(
-            "INSERT INTO permits (dataset, org, purpose, expires_at, created_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (dataset, org, purpose) DO UPDATE SET expires_at = excluded.expires_at",
+            "INSERT INTO permits (dataset, org, purpose, expires_at, special_category, created_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (dataset, org, purpose) DO UPDATE SET expires_at = excluded.expires_at, special_category = excluded.special_category",
         )
         .bind(p.dataset.as_str())
         .bind(&p.org)
         .bind(p.purpose.as_str())
         .bind(expires)
+        .bind(p.special_category)
         .bind(now_text())
         .execute(&mut *tx)
         .await;
@@ -232,7 +316,7 @@ impl MetaStore {
 
     /// All permits.
     pub async fn permits(&self) -> Result<Vec<Permit>> {
-        let rows = sqlx::query("SELECT dataset, org, purpose, expires_at FROM permits ORDER BY id")
+        let rows = sqlx::query("SELECT dataset, org, purpose, expires_at, special_category FROM permits ORDER BY id")
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store("list permits"))?;
@@ -249,6 +333,7 @@ impl MetaStore {
                         .map(|e| DateTime::parse_from_rfc3339(&e).map(|t| t.with_timezone(&Utc)))
                         .transpose()
                         .map_err(|e| Error::Internal(format!("stored permit expiry does not parse: {e}")))?,
+                    special_category: r.get(4),
                 })
             })
             .collect()

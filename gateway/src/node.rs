@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::Utc;
-use passerelle_policies::authz::{DEFAULT_MODEL, DEFAULT_POLICY};
+use passerelle_policies::authz::{DEFAULT_MODEL, DEFAULT_POLICY_FILE, PolicyFile};
 use passerelle_policies::consent::{ConsentEvent, ConsentIndex, ConsentStore};
 use passerelle_policies::enforce::Pseudonymiser;
 use passerelle_policies::{Authorizer, Permit, Principal, Role};
@@ -37,6 +37,8 @@ pub struct Snapshot {
     principals_by_hash: HashMap<String, Principal>,
     /// The enforcer built from the store.
     pub authorizer: Arc<Authorizer>,
+    /// Fingerprint of the policy files' contents this snapshot was built from.
+    policy_stamp: u64,
 }
 
 impl Snapshot {
@@ -68,11 +70,99 @@ pub struct Node {
     pub consent: Arc<ConsentIndex>,
     /// Ticket signing.
     pub tickets: TicketSigner,
+    /// Where the model and default policy come from (built in, or files reloaded on change).
+    pub policy: PolicyOptions,
+    /// Policy files that failed to load, by content stamp, with the reason (logged once, returned
+    /// by every refresh until the files change).
+    bad_policy: std::sync::Mutex<Option<(u64, String)>>,
     /// How long tickets live.
     pub ticket_ttl: Duration,
     pseudonym_master: Vec<u8>,
     snapshot: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
+    /// One refresh at a time, so a slow refresh cannot put back an older snapshot.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// Builds a checked deny line for `dataset` (or `*`), `purpose` and a domain pattern.
+pub fn deny_line(dataset: &str, purpose: &str, domain: &str, expires: Option<&str>) -> Result<String> {
+    if dataset != "*" {
+        passerelle_policies::DatasetId::parse(dataset)?;
+    }
+    let purpose = passerelle_policies::Purpose::parse(purpose)?;
+    let domain_ok = domain == "*"
+        || domain.split('/').all(|part| !part.is_empty())
+            && passerelle_policies::authz::check_policy_value(domain).is_ok()
+            && domain.matches('/').count() <= 1;
+    if !domain_ok {
+        return Err(Error::invalid(
+            format!("domain `{domain}` is not valid"),
+            "use *, a member state like DE/*, or an organisation like dkfz or DE/dkfz",
+        ));
+    }
+    let exp = match expires {
+        Some(e) => chrono::DateTime::parse_from_rfc3339(e)
+            .map(|t| passerelle_policies::authz::policy_time(t.with_timezone(&Utc)))
+            .map_err(|err| {
+                Error::invalid(
+                    format!("expiry `{e}` is not RFC 3339: {err}"),
+                    "write e.g. 2027-01-01T00:00:00Z",
+                )
+            })?,
+        None => "9999-12-31T23:59:59Z".to_string(),
+    };
+    let line = format!("p, *, {domain}, {dataset}, {purpose}, {exp}, deny");
+    passerelle_policies::authz::check_policy_text("rule", &line)?;
+    Ok(line)
+}
+
+/// Policy file locations; `None` means the built-in model or default policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyOptions {
+    /// casbin model file (`.conf`).
+    pub model_file: Option<PathBuf>,
+    /// Default policy lines (`.csv`).
+    pub policy_file: Option<PathBuf>,
+}
+
+struct PolicyTexts {
+    model: String,
+    policy: String,
+    policy_name: String,
+    stamp: u64,
+}
+
+impl PolicyOptions {
+    fn read(&self) -> Result<PolicyTexts> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).map_err(|source| Error::Io {
+                op: "read policy file",
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let model = match &self.model_file {
+            Some(p) => read(p)?,
+            None => DEFAULT_MODEL.to_string(),
+        };
+        let (policy, policy_name) = match &self.policy_file {
+            Some(p) => (read(p)?, p.display().to_string()),
+            None => (
+                DEFAULT_POLICY_FILE.text.to_string(),
+                DEFAULT_POLICY_FILE.name.to_string(),
+            ),
+        };
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&model, &policy).hash(&mut h);
+        Ok(PolicyTexts {
+            model,
+            policy,
+            policy_name,
+            stamp: h.finish(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -120,21 +210,27 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
 }
 
 impl Node {
-    /// Opens the node's stores in `data_dir` (creating them on first use). Does not load consent
-    /// into memory: [`Node::refresh`] does, for servers.
+    /// Opens the node's stores in `data_dir` (creating them on first use) with the built-in
+    /// policy. Does not load consent into memory: [`Node::refresh`] does, for servers.
     pub async fn open(data_dir: &Path) -> Result<Arc<Self>> {
+        Self::open_with(data_dir, PolicyOptions::default()).await
+    }
+
+    /// As [`Node::open`], with policy files.
+    pub async fn open_with(data_dir: &Path, policy: PolicyOptions) -> Result<Arc<Self>> {
         let pool = meta::open_pool(data_dir).await?;
         let meta = MetaStore::open(pool.clone()).await?;
         let consent_store = ConsentStore::open(pool.clone()).await?;
         let audit = AuditLog::open(pool).await?;
         let tickets = TicketSigner::new(load_or_create_secret(&data_dir.join("ticket.key"))?);
         let pseudonym_master = load_or_create_secret(&data_dir.join("pseudonym.key"))?;
-        let authorizer = Authorizer::build(DEFAULT_MODEL, DEFAULT_POLICY, Vec::new(), &[]).await?;
+        let authorizer = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], Vec::new(), &[]).await?;
         let empty = Snapshot {
             meta_version: u64::MAX,
             datasets: BTreeMap::new(),
             principals_by_hash: HashMap::new(),
             authorizer: Arc::new(authorizer),
+            policy_stamp: 0,
         };
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Self {
@@ -144,10 +240,13 @@ impl Node {
             audit,
             consent: Arc::new(ConsentIndex::new()),
             tickets,
+            policy,
+            bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             pseudonym_master,
             snapshot: RwLock::new(Arc::new(empty)),
             changed,
+            refreshing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -156,27 +255,66 @@ impl Node {
         Arc::clone(&self.snapshot.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Brings the snapshot and the consent index up to date with the store.
+    /// Brings the snapshot and the consent index up to date with the store. Consent is applied
+    /// even when the metadata cannot be reloaded (the previous snapshot then stays in force), so a
+    /// bad metadata row can never hold back a withdrawal.
     pub async fn refresh(&self) -> Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let metadata = self.refresh_metadata().await;
+        let consent = self.refresh_consent().await;
+        metadata.and(consent)
+    }
+
+    async fn refresh_metadata(&self) -> Result<()> {
         let version = self.meta.version().await?;
-        if version != self.snapshot().meta_version {
-            let datasets = self.meta.datasets().await?;
-            let principals = self.meta.principals().await?;
-            let permits = self.meta.permits().await?;
-            let people: Vec<Principal> = principals.iter().map(|p| p.principal.clone()).collect();
-            let authorizer = Authorizer::build(DEFAULT_MODEL, DEFAULT_POLICY, permits, &people).await?;
-            let snap = Snapshot {
-                meta_version: version,
-                datasets: datasets
-                    .into_iter()
-                    .map(|m| (m.name.to_string(), Arc::new(m)))
-                    .collect(),
-                principals_by_hash: principals.into_iter().map(|p| (p.key_hash, p.principal)).collect(),
-                authorizer: Arc::new(authorizer),
-            };
-            *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
-            tracing::info!(version, "metadata reloaded");
+        let texts = self.policy.read()?;
+        let current = self.snapshot();
+        if version == current.meta_version && texts.stamp == current.policy_stamp {
+            return Ok(());
         }
+        let known_bad = self.bad_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((stamp, message)) = known_bad
+            && stamp == texts.stamp
+            && version == current.meta_version
+        {
+            // Already logged; the previous policy stays in force until the file is fixed.
+            return Err(Error::PolicyRefused { message });
+        }
+        let datasets = self.meta.datasets().await?;
+        let principals = self.meta.principals().await?;
+        let permits = self.meta.permits().await?;
+        let rules: Vec<String> = self.meta.rules().await?.into_iter().map(|(_, line, _)| line).collect();
+        let people: Vec<Principal> = principals.iter().map(|p| p.principal.clone()).collect();
+        let file = PolicyFile {
+            name: &texts.policy_name,
+            text: &texts.policy,
+        };
+        let authorizer = match Authorizer::build(&texts.model, &file, &rules, permits, &people).await {
+            Ok(a) => a,
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(error = %message, "policy refused; the previous policy stays in force");
+                *self.bad_policy.lock().unwrap_or_else(|e| e.into_inner()) = Some((texts.stamp, message.clone()));
+                return Err(Error::PolicyRefused { message });
+            }
+        };
+        let policy_version = authorizer.version().to_string();
+        let snap = Snapshot {
+            meta_version: version,
+            datasets: datasets
+                .into_iter()
+                .map(|m| (m.name.to_string(), Arc::new(m)))
+                .collect(),
+            principals_by_hash: principals.into_iter().map(|p| (p.key_hash, p.principal)).collect(),
+            authorizer: Arc::new(authorizer),
+            policy_stamp: texts.stamp,
+        };
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
+        tracing::info!(version, %policy_version, "metadata and policy loaded");
+        Ok(())
+    }
+
+    async fn refresh_consent(&self) -> Result<()> {
         loop {
             let events = self
                 .consent_store
@@ -210,8 +348,9 @@ impl Node {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = node.refresh().await {
-                            tracing::warn!(error = %e, "refresh failed; keeping the previous snapshot");
+                        match node.refresh().await {
+                            Ok(()) | Err(Error::PolicyRefused { .. }) => {}
+                            Err(e) => tracing::warn!(error = %e, "refresh failed; keeping the previous snapshot"),
                         }
                     }
                     _ = shutdown.changed() => break,
@@ -250,16 +389,12 @@ impl Node {
 
     /// Adds a principal and returns its new API key (shown once, stored hashed).
     pub async fn add_principal(&self, principal: &Principal) -> Result<String> {
-        if principal.name.is_empty() || principal.name.len() > 128 || principal.name.contains([':', ',', '"', '\n']) {
+        passerelle_policies::authz::check_policy_value(&principal.name)?;
+        passerelle_policies::authz::check_policy_value(&principal.org)?;
+        if principal.name.contains(':') {
             return Err(Error::invalid(
-                "principal name must be 1-128 characters without `:`, `,`, quotes or newlines",
-                "choose a simple name such as trainer-de",
-            ));
-        }
-        if principal.org.is_empty() || principal.org.contains([',', '"', '\n']) {
-            return Err(Error::invalid(
-                "organisation must be non-empty without commas, quotes or newlines",
-                "use a short organisation id such as dkfz",
+                "principal names may not contain `:`",
+                "basic auth separates name and key with `:`",
             ));
         }
         passerelle_policies::MemberState::parse(&principal.member_state)?;
@@ -269,26 +404,88 @@ impl Node {
     }
 
     /// Validates a manifest against its source and stores it. Nothing is stored on failure.
+    ///
+    /// The location may not lie inside the node's data directory (keys, database) other than its
+    /// `demo/` folder, nor overlap a dataset of another controller (which would let one
+    /// organisation re-register another's data under its own, weaker policy). The consent
+    /// registry is claimed for the controller and may not belong to another organisation.
     pub async fn register_dataset(&self, manifest: &Manifest) -> Result<()> {
+        let location = manifest.source().normalised_location()?;
+        self.check_location(manifest, &location).await?;
+        let policy = manifest.policy();
+        if let Some(owner) = self.meta.registry_owner(&policy.consent_registry).await?
+            && owner != manifest.controller
+        {
+            return Err(Error::invalid(
+                format!(
+                    "consent_registry `{}` is not available to `{}`",
+                    policy.consent_registry, manifest.controller
+                ),
+                "choose another registry name (it defaults to the dataset name)",
+            ));
+        }
         let ctx = crate::catalog::source_context();
         let raw = passerelle_connectors::open(&ctx.state(), &manifest.source()).await?;
-        manifest.policy().validate(&raw.schema())?;
+        policy.validate(&raw.schema())?;
+        self.meta
+            .claim_registry(&policy.consent_registry, &manifest.controller)
+            .await?;
         self.meta.insert_dataset(manifest).await
+    }
+
+    async fn check_location(&self, manifest: &Manifest, location: &str) -> Result<()> {
+        let refused = || {
+            Error::invalid(
+                format!("location `{location}` is not available for registration"),
+                "register data outside the node's data directory, in storage your organisation controls",
+            )
+        };
+        if let Some(path) = location.strip_prefix("file://") {
+            let path = Path::new(path);
+            let resolved = std::fs::canonicalize(path).map_err(|e| {
+                Error::invalid(
+                    format!("location `{location}` cannot be read: {e}"),
+                    "check the path and its permissions",
+                )
+            })?;
+            let data_dir = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+            if resolved.starts_with(&data_dir) && !resolved.starts_with(data_dir.join("demo")) {
+                return Err(refused());
+            }
+        }
+        let trimmed = |l: &str| l.trim_end_matches('/').to_string();
+        let mine = trimmed(location);
+        for other in self.meta.datasets().await? {
+            let Ok(theirs) = other.source().normalised_location() else {
+                continue;
+            };
+            let theirs = trimmed(&theirs);
+            let overlaps =
+                mine == theirs || mine.starts_with(&format!("{theirs}/")) || theirs.starts_with(&format!("{mine}/"));
+            if overlaps && other.controller != manifest.controller {
+                return Err(refused());
+            }
+        }
+        Ok(())
     }
 
     /// Adds or renews a permit for a registered dataset.
     pub async fn add_permit(&self, permit: &Permit) -> Result<()> {
-        if permit.org.is_empty() || permit.org.contains([',', '"', '\n']) {
-            return Err(Error::invalid(
-                "organisation must be non-empty without commas, quotes or newlines",
-                "use the organisation id principals are registered with",
-            ));
-        }
+        passerelle_policies::authz::check_policy_value(&permit.org)?;
         self.meta.upsert_permit(permit).await
     }
 
-    /// Appends consent events durably; returns the new consent version.
+    /// Appends consent events durably; returns the new consent version. Events dated more than
+    /// five minutes ahead are refused: a future-dated grant would outrank every withdrawal made
+    /// before that date.
     pub async fn append_consent(&self, registry: &str, events: &[ConsentEvent]) -> Result<u64> {
+        let horizon = Utc::now().timestamp_micros() + 300_000_000;
+        if let Some((i, _)) = events.iter().enumerate().find(|(_, e)| e.at_micros > horizon) {
+            return Err(Error::invalid(
+                format!("event {i} (subject `{}`) is dated in the future", events[i].subject_id),
+                "consent events record decisions already made; check the timestamp and the clock",
+            ));
+        }
         Ok(self.consent_store.append(registry, events).await?)
     }
 

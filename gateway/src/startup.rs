@@ -36,7 +36,7 @@ impl Application {
     pub async fn build(cfg: &GatewayConfig) -> Result<Self> {
         cfg.validate()?;
         let data_dir = cfg.data_dir.clone().unwrap_or_else(|| "passerelle-data".into());
-        let mut node = Node::open(&data_dir).await?;
+        let mut node = Node::open_with(&data_dir, cfg.policy.clone()).await?;
         if let Some(n) = Arc::get_mut(&mut node) {
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
         }

@@ -54,8 +54,8 @@ fn consent(c: &mut Criterion) {
     let str_ids: ArrayRef = Arc::new(StringArray::from(
         ids().iter().map(|i| i.to_string()).collect::<Vec<_>>(),
     ));
-    let (_, int_set) = idx.subject_set("r", &purpose, LegalBasis::Consent, KeyKind::Int);
-    let (_, str_set) = idx.subject_set("r", &purpose, LegalBasis::Consent, KeyKind::Str);
+    let int_set = idx.subject_set("r", &purpose, LegalBasis::Consent, KeyKind::Int).set;
+    let str_set = idx.subject_set("r", &purpose, LegalBasis::Consent, KeyKind::Str).set;
     let naive: HashSet<String> = granted.iter().map(|s| s.to_string()).collect();
 
     let mut g = c.benchmark_group("consent_filter");
@@ -128,7 +128,7 @@ fn batch() -> RecordBatch {
 fn actions(c: &mut Criterion) {
     let (idx, _) = index();
     let purpose = Purpose::parse("research").unwrap();
-    let (_, set) = idx.subject_set("r", &purpose, LegalBasis::Consent, KeyKind::Int);
+    let set = idx.subject_set("r", &purpose, LegalBasis::Consent, KeyKind::Int).set;
     let b = batch();
     let mask = consent_mask(b.column(0).as_ref(), &set, true).unwrap();
     let pseudo = Pseudonymiser::for_recipient(b"master-key-for-benchmarks-000000", "dkfz");

@@ -84,7 +84,20 @@ pub struct Permit {
     pub purpose: Purpose,
     /// Expiry, if any.
     pub expires: Option<DateTime<Utc>>,
+    /// Whether the permit covers special-category data (GDPR Art. 9).
+    pub special_category: bool,
 }
+
+impl Principal {
+    /// The casbin domain: `<member state>/<organisation>`, so rules can name a member state
+    /// (`DE/*`), an organisation (`dkfz`) or both (`DE/dkfz`).
+    pub fn domain(&self) -> String {
+        format!("{}/{}", self.member_state, self.org)
+    }
+}
+
+/// Suffix of the casbin object that stands for a dataset's special-category columns.
+pub const SPECIAL_SUFFIX: &str = "#special";
 
 /// The outcome of an access decision, with the reason shown to the caller and the audit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,12 +108,30 @@ pub struct Decision {
     pub rule: Option<String>,
     /// Why, in words a steward can act on.
     pub reason: String,
+    /// Whether special-category (Art. 9) columns may be sent too.
+    pub special_category: bool,
 }
+
+/// A policy file's text and the name used in error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyFile<'a> {
+    /// File name (or a description) for errors.
+    pub name: &'a str,
+    /// The text.
+    pub text: &'a str,
+}
+
+/// The built-in default policy.
+pub const DEFAULT_POLICY_FILE: PolicyFile<'static> = PolicyFile {
+    name: "policies/policy/default.csv",
+    text: DEFAULT_POLICY,
+};
 
 /// A built enforcer plus what it was built from.
 pub struct Authorizer {
     enforcer: Enforcer,
     permits: Vec<Permit>,
+    version: String,
 }
 
 impl std::fmt::Debug for Authorizer {
@@ -109,6 +140,23 @@ impl std::fmt::Debug for Authorizer {
             .field("permits", &self.permits.len())
             .finish()
     }
+}
+
+/// `domainMatch(r.dom, p.dom)`: `*`, `CC/*`, `CC/org` or a bare `org`.
+pub fn domain_matches(request: &str, pattern: &str) -> bool {
+    if pattern == "*" || request == pattern {
+        return true;
+    }
+    if let Some(state) = pattern.strip_suffix("/*") {
+        return request.split_once('/').is_some_and(|(cc, _)| cc == state);
+    }
+    !pattern.contains('/') && request.split_once('/').is_some_and(|(_, org)| org == pattern)
+}
+
+fn domain_match(a: Dynamic, b: Dynamic) -> Dynamic {
+    let a = casbin::function_map::dynamic_to_str(&a);
+    let b = casbin::function_map::dynamic_to_str(&b);
+    domain_matches(&a, &b).into()
 }
 
 fn purpose_covers(a: Dynamic, b: Dynamic) -> Dynamic {
@@ -170,11 +218,20 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
 }
 
 impl Authorizer {
-    /// Builds an enforcer from the model, the default lines and the store's permits and roles.
-    pub async fn build(model: &str, base_policy: &str, permits: Vec<Permit>, principals: &[Principal]) -> Result<Self> {
-        check_policy_text("default policy", base_policy)?;
+    /// Builds an enforcer from the model, the default policy file, stored rule lines (stewards'
+    /// deny and allow rules) and the store's permits and roles. Errors name the file and line.
+    pub async fn build(
+        model: &str,
+        base_policy: &PolicyFile<'_>,
+        rules: &[String],
+        permits: Vec<Permit>,
+        principals: &[Principal],
+    ) -> Result<Self> {
+        check_policy_text(base_policy.name, base_policy.text)?;
+        let stored = rules.join("\n");
+        check_policy_text("stored policy rules", &stored)?;
         let mut text = String::new();
-        for line in base_policy.lines() {
+        for line in base_policy.text.lines().chain(stored.lines()) {
             let line = line.trim();
             if !line.is_empty() && !line.starts_with('#') {
                 text.push_str(line);
@@ -183,14 +240,15 @@ impl Authorizer {
         }
         for p in &permits {
             let exp = p.expires.map_or_else(|| NO_EXPIRY.to_string(), policy_time);
-            let _ = writeln!(
-                text,
-                "p, trainer, {}, {}, {}, {}, allow",
-                csv_safe(&p.org)?,
-                p.dataset,
-                p.purpose,
-                exp
-            );
+            let org = csv_safe(&p.org)?;
+            let _ = writeln!(text, "p, trainer, {org}, {}, {}, {exp}, allow", p.dataset, p.purpose);
+            if p.special_category {
+                let _ = writeln!(
+                    text,
+                    "p, trainer, {org}, {}{SPECIAL_SUFFIX}, {}, {exp}, allow",
+                    p.dataset, p.purpose
+                );
+            }
         }
         for pr in principals {
             let _ = writeln!(
@@ -198,21 +256,40 @@ impl Authorizer {
                 "g, {}, {}, {}",
                 csv_safe(&pr.name)?,
                 pr.role.as_str(),
-                csv_safe(&pr.org)?
+                pr.domain()
             );
         }
-        let model = DefaultModel::from_str(model).await.map_err(|e| Error::Casbin {
+        let model_parsed = DefaultModel::from_str(model).await.map_err(|e| Error::Casbin {
             op: "parse model",
             source: Box::new(e),
         })?;
-        let mut enforcer = Enforcer::new(model, StringAdapter::new(text))
+        let mut enforcer = Enforcer::new(model_parsed, StringAdapter::new(text.clone()))
             .await
             .map_err(|e| Error::Casbin {
                 op: "load policy",
                 source: Box::new(e),
             })?;
         enforcer.add_function("purposeCovers", OperatorFunction::Arg2(purpose_covers));
-        Ok(Self { enforcer, permits })
+        enforcer.add_function("domainMatch", OperatorFunction::Arg2(domain_match));
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(format!("{model}\n--\n{text}").as_bytes());
+        let version = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self {
+            enforcer,
+            permits,
+            version,
+        })
+    }
+
+    /// A short fingerprint of everything the enforcer was built from (model and every line),
+    /// recorded in the audit with each access.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Permits this enforcer knows.
+    pub fn permits(&self) -> &[Permit] {
+        &self.permits
     }
 
     /// Whether the principal may know the dataset exists: its organisation controls it or holds an
@@ -223,6 +300,30 @@ impl Authorizer {
                 .permits
                 .iter()
                 .any(|p| p.dataset == dataset.name && p.org == principal.org && p.expires.is_none_or(|e| e > now))
+    }
+
+    /// Whether an allowed request may also receive the dataset's special-category (Art. 9)
+    /// columns: a permit naming that condition, or a policy line allowing `<dataset>#special`.
+    pub fn allows_special_category(
+        &self,
+        principal: &Principal,
+        dataset: &DatasetPolicy,
+        purpose: &Purpose,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let object = format!("{}{SPECIAL_SUFFIX}", dataset.name);
+        self.enforcer
+            .enforce((
+                principal.name.as_str(),
+                principal.domain().as_str(),
+                object.as_str(),
+                purpose.as_str(),
+                policy_time(now).as_str(),
+            ))
+            .map_err(|e| Error::Casbin {
+                op: "enforce",
+                source: Box::new(e),
+            })
     }
 
     /// Decides whether `principal` may pull `dataset` for `purpose` at `now`.
@@ -237,6 +338,7 @@ impl Authorizer {
             return Ok(Decision {
                 allow: false,
                 rule: None,
+                special_category: false,
                 reason: format!(
                     "role `{}` may not pull data; only trainers may",
                     principal.role.as_str()
@@ -248,6 +350,7 @@ impl Authorizer {
             return Ok(Decision {
                 allow: false,
                 rule: None,
+                special_category: false,
                 reason: format!(
                     "dataset `{}` is not registered for purpose `{purpose}` (registered: {})",
                     dataset.name,
@@ -259,7 +362,7 @@ impl Authorizer {
             .enforcer
             .enforce_ex((
                 principal.name.as_str(),
-                principal.org.as_str(),
+                principal.domain().as_str(),
                 dataset.name.as_str(),
                 purpose.as_str(),
                 policy_time(now).as_str(),
@@ -279,13 +382,31 @@ impl Authorizer {
                 principal.org, dataset.name
             )
         };
-        Ok(Decision { allow, rule, reason })
+        let special_category =
+            allow && dataset.special_category && self.allows_special_category(principal, dataset, purpose, now)?;
+        Ok(Decision {
+            allow,
+            rule,
+            reason,
+            special_category,
+        })
     }
+}
+
+/// Checks a name that becomes part of a policy line (principal, organisation). Stores call this
+/// before writing, so a stored value can never make the enforcer fail to build.
+pub fn check_policy_value(s: &str) -> Result<&str> {
+    csv_safe(s)
 }
 
 /// Values go into comma-separated policy lines: refuse the separators rather than escape them.
 fn csv_safe(s: &str) -> Result<&str> {
-    if s.is_empty() || s.contains([',', '\n', '\r', '"']) || s.trim() != s {
+    if s.is_empty()
+        || s.len() > 128
+        || s.contains([',', '\n', '\r', '"', '#'])
+        || s.trim() != s
+        || s.chars().any(char::is_control)
+    {
         return Err(Error::InvalidName {
             what: "policy value",
             name: s.to_string(),
@@ -311,13 +432,14 @@ mod tests {
             consent_registry: "r".into(),
             purposes: purposes.iter().map(|p| Purpose::parse(p).unwrap()).collect(),
             columns: BTreeMap::new(),
+            special_category: false,
         }
     }
     fn principal(name: &str, org: &str, role: Role) -> Principal {
         Principal {
             name: name.into(),
             org: org.into(),
-            member_state: "DE".into(),
+            member_state: if org == "gemelli" { "IT" } else { "DE" }.into(),
             role,
         }
     }
@@ -327,6 +449,7 @@ mod tests {
             org: org.into(),
             purpose: Purpose::parse(purpose).unwrap(),
             expires: expires.map(|e| DateTime::parse_from_rfc3339(e).unwrap().with_timezone(&Utc)),
+            special_category: false,
         }
     }
     fn p(s: &str) -> Purpose {
@@ -343,8 +466,14 @@ mod tests {
             permit("dkfz", "research/ai-training", None),
             permit("gemelli", "research", Some("2020-01-01T00:00:00Z")),
         ];
+        let base = PolicyFile {
+            name: "base.csv",
+            text: base,
+        };
         (
-            Authorizer::build(DEFAULT_MODEL, base, permits, &people).await.unwrap(),
+            Authorizer::build(DEFAULT_MODEL, &base, &[], permits, &people)
+                .await
+                .unwrap(),
             people,
         )
     }
@@ -398,6 +527,54 @@ mod tests {
                 .unwrap()
                 .allow
         );
+    }
+
+    #[tokio::test]
+    async fn member_state_domains_and_special_category() {
+        let people = vec![
+            principal("t-de", "dkfz", Role::Trainer),
+            principal("t-it", "gemelli", Role::Trainer),
+        ];
+        let mut special = permit("gemelli", "research", None);
+        special.special_category = true;
+        let permits = vec![permit("dkfz", "research", None), special];
+        let rules = vec!["p, *, DE/*, demo, research/ai-training, 9999-12-31T23:59:59Z, deny".to_string()];
+        let a = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &rules, permits, &people)
+            .await
+            .unwrap();
+        let ds = dataset(&["research"]);
+        let now = Utc::now();
+        let ai = p("research/ai-training/llm");
+        assert!(
+            !a.decide(&people[0], &ds, &ai, now).unwrap().allow,
+            "DE trainers are denied by the member-state rule"
+        );
+        assert!(
+            a.decide(&people[1], &ds, &ai, now).unwrap().allow,
+            "IT trainers are not"
+        );
+        assert!(
+            a.decide(&people[0], &ds, &p("research/epidemiology"), now)
+                .unwrap()
+                .allow
+        );
+        assert!(a.allows_special_category(&people[1], &ds, &ai, now).unwrap());
+        assert!(
+            !a.allows_special_category(&people[0], &ds, &p("research/epidemiology"), now)
+                .unwrap()
+        );
+        assert_eq!(a.version().len(), 12);
+        // A different rule set is a different policy version.
+        let b = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], vec![], &people)
+            .await
+            .unwrap();
+        assert_ne!(a.version(), b.version());
+        assert!(
+            domain_matches("DE/dkfz", "dkfz")
+                && domain_matches("DE/dkfz", "DE/*")
+                && !domain_matches("FR/aphp", "DE/*")
+        );
+        assert!(!domain_matches("DE/dkfz", "dkf") && !domain_matches("DE/dkfz", "FR/dkfz"));
     }
 
     #[test]

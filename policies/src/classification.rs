@@ -140,6 +140,8 @@ pub enum Generalisation {
     Prefix(u16),
     /// Number floored to a multiple of N.
     Bucket(u32),
+    /// Number capped at N (top-coding: the rare large values that single people out).
+    Top(i64),
 }
 
 impl Generalisation {
@@ -155,13 +157,14 @@ impl Generalisation {
                     "prefix" => n
                         .parse::<u16>()
                         .ok()
-                        .filter(|n| *n > 0)
+                        .filter(|n| (1..=32).contains(n))
                         .map(Self::Prefix)
                         .ok_or_else(bad),
+                    "top" => n.parse::<i64>().map(Self::Top).map_err(|_| bad()),
                     "bucket" => n
                         .parse::<u32>()
                         .ok()
-                        .filter(|n| *n > 0)
+                        .filter(|n| *n >= 2)
                         .map(Self::Bucket)
                         .ok_or_else(bad),
                     _ => Err(bad()),
@@ -175,7 +178,7 @@ impl Generalisation {
         match self {
             Self::Year | Self::Month => matches!(dt, DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)),
             Self::Prefix(_) => matches!(dt, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
-            Self::Bucket(_) => dt.is_integer() || dt.is_floating(),
+            Self::Bucket(_) | Self::Top(_) => dt.is_integer() || dt.is_floating(),
         }
     }
 }
@@ -187,6 +190,7 @@ impl fmt::Display for Generalisation {
             Self::Month => f.write_str("month"),
             Self::Prefix(n) => write!(f, "prefix:{n}"),
             Self::Bucket(n) => write!(f, "bucket:{n}"),
+            Self::Top(n) => write!(f, "top:{n}"),
         }
     }
 }
@@ -202,15 +206,65 @@ impl From<Generalisation> for String {
     }
 }
 
+/// A per-column override of the class's default treatment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mask {
+    /// Never sent.
+    Drop,
+    /// Sent as an all-null column (keeps the schema stable for readers).
+    Nullify,
+    /// Sent as the recipient's keyed pseudonym.
+    Pseudonymise,
+}
+
 /// How one column is classified in a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnPolicy {
     /// The column's class.
     pub class: ColumnClass,
-    /// Required for quasi-identifiers, refused elsewhere.
+    /// Required for quasi-identifiers (unless masked), refused elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generalise: Option<Generalisation>,
+    /// Overrides the class's default treatment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<Mask>,
+}
+
+impl ColumnPolicy {
+    /// A column of `class` with its default treatment.
+    pub fn new(class: ColumnClass) -> Self {
+        Self {
+            class,
+            generalise: None,
+            mask: None,
+        }
+    }
+    /// A quasi-identifier with a generalisation rule.
+    pub fn generalised(rule: Generalisation) -> Self {
+        Self {
+            class: ColumnClass::QuasiIdentifier,
+            generalise: Some(rule),
+            mask: None,
+        }
+    }
+}
+
+/// What the gate does with one column, after class defaults, masks and the special-category
+/// condition are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Treatment {
+    /// Not sent.
+    Drop,
+    /// Sent as nulls.
+    Nullify,
+    /// Sent as is.
+    Keep,
+    /// Sent as the recipient's keyed pseudonym.
+    Pseudonymise,
+    /// Sent generalised.
+    Generalise(Generalisation),
 }
 
 /// The lawful basis under which rows are released.
@@ -252,6 +306,9 @@ pub struct DatasetPolicy {
     pub purposes: Vec<Purpose>,
     /// Classification of every column.
     pub columns: BTreeMap<String, ColumnPolicy>,
+    /// Whether the `sensitive` columns are special-category data (GDPR Art. 9): then they are
+    /// sent only under a permit or rule that names that condition.
+    pub special_category: bool,
 }
 
 /// Subject column types the consent kernels can probe.
@@ -302,6 +359,34 @@ impl DatasetPolicy {
                     "column `{name}` is classified but the source has no such column"
                 ))
             })?;
+            match (col.class, col.mask) {
+                (ColumnClass::DirectIdentifier, Some(Mask::Pseudonymise)) => {
+                    return Err(invalid(format!(
+                        "direct identifier `{name}` may only be dropped or nullified; classify it identifier to pseudonymise it"
+                    )));
+                }
+                (_, Some(Mask::Pseudonymise))
+                    if !crate::enforce::pseudonymise::is_pseudonymisable(field.data_type()) =>
+                {
+                    return Err(invalid(format!(
+                        "column `{name}` of type {} cannot be pseudonymised",
+                        field.data_type()
+                    )));
+                }
+                (_, Some(m)) if col.generalise.is_some() => {
+                    return Err(invalid(format!(
+                        "column `{name}` sets both mask = \"{}\" and generalise; choose one",
+                        serde_json::to_value(m)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            if col.class == ColumnClass::QuasiIdentifier && col.mask.is_some() {
+                continue;
+            }
             match (col.class, &col.generalise) {
                 (ColumnClass::QuasiIdentifier, None) => {
                     return Err(invalid(format!(
@@ -321,7 +406,7 @@ impl DatasetPolicy {
                     )));
                 }
                 (ColumnClass::Identifier, None)
-                    if !crate::enforce::pseudonymise::is_pseudonymisable(field.data_type()) =>
+                    if col.mask.is_none() && !crate::enforce::pseudonymise::is_pseudonymisable(field.data_type()) =>
                 {
                     return Err(invalid(format!(
                         "identifier `{name}` has type {} which cannot be pseudonymised; use an integer or string column",
@@ -337,6 +422,15 @@ impl DatasetPolicy {
                 self.subject_column
             ))
         })?;
+        match self.columns.get(&self.subject_column).map(|c| c.class) {
+            Some(ColumnClass::Identifier | ColumnClass::DirectIdentifier) => {}
+            _ => {
+                return Err(invalid(format!(
+                    "subject column `{}` must be classified identifier (sent pseudonymised) or direct-identifier (never sent)",
+                    self.subject_column
+                )));
+            }
+        }
         if !is_supported_subject_type(subject.data_type()) {
             return Err(invalid(format!(
                 "subject column `{}` has type {}; use an integer or string column",
@@ -345,6 +439,27 @@ impl DatasetPolicy {
             )));
         }
         Ok(())
+    }
+
+    /// The treatment of one column. `special_allowed` says whether the request may receive
+    /// special-category data.
+    pub fn treatment(&self, column: &str, special_allowed: bool) -> Treatment {
+        let Some(col) = self.columns.get(column) else {
+            return Treatment::Drop;
+        };
+        match (col.mask, col.class) {
+            (Some(Mask::Drop), _) => Treatment::Drop,
+            (Some(Mask::Nullify), _) => Treatment::Nullify,
+            (_, ColumnClass::DirectIdentifier) => Treatment::Drop,
+            (Some(Mask::Pseudonymise), ColumnClass::Sensitive) if self.special_category && !special_allowed => {
+                Treatment::Drop
+            }
+            (Some(Mask::Pseudonymise), _) => Treatment::Pseudonymise,
+            (None, ColumnClass::Identifier) => Treatment::Pseudonymise,
+            (None, ColumnClass::QuasiIdentifier) => col.generalise.map_or(Treatment::Drop, Treatment::Generalise),
+            (None, ColumnClass::Sensitive) if self.special_category && !special_allowed => Treatment::Drop,
+            (None, ColumnClass::Sensitive | ColumnClass::NonPersonal) => Treatment::Keep,
+        }
     }
 
     /// Whether this dataset may be used for `purpose` at all (independently of who asks).
@@ -369,34 +484,10 @@ mod tests {
 
     fn policy() -> DatasetPolicy {
         let mut columns = BTreeMap::new();
-        columns.insert(
-            "id".into(),
-            ColumnPolicy {
-                class: ColumnClass::Identifier,
-                generalise: None,
-            },
-        );
-        columns.insert(
-            "name".into(),
-            ColumnPolicy {
-                class: ColumnClass::DirectIdentifier,
-                generalise: None,
-            },
-        );
-        columns.insert(
-            "born".into(),
-            ColumnPolicy {
-                class: ColumnClass::QuasiIdentifier,
-                generalise: Some(Generalisation::Year),
-            },
-        );
-        columns.insert(
-            "at".into(),
-            ColumnPolicy {
-                class: ColumnClass::NonPersonal,
-                generalise: None,
-            },
-        );
+        columns.insert("id".into(), ColumnPolicy::new(ColumnClass::Identifier));
+        columns.insert("name".into(), ColumnPolicy::new(ColumnClass::DirectIdentifier));
+        columns.insert("born".into(), ColumnPolicy::generalised(Generalisation::Year));
+        columns.insert("at".into(), ColumnPolicy::new(ColumnClass::NonPersonal));
         DatasetPolicy {
             name: DatasetId::parse("ds").unwrap(),
             member_state: MemberState::parse("FR").unwrap(),
@@ -406,7 +497,50 @@ mod tests {
             consent_registry: "reg".into(),
             purposes: vec![Purpose::parse("research").unwrap()],
             columns,
+            special_category: false,
         }
+    }
+
+    #[test]
+    fn treatments_follow_class_mask_and_special_category() {
+        let mut p = policy();
+        p.columns.insert(
+            "name".into(),
+            ColumnPolicy {
+                mask: Some(Mask::Nullify),
+                ..ColumnPolicy::new(ColumnClass::DirectIdentifier)
+            },
+        );
+        p.columns.insert(
+            "at".into(),
+            ColumnPolicy {
+                mask: Some(Mask::Drop),
+                ..ColumnPolicy::new(ColumnClass::NonPersonal)
+            },
+        );
+        p.validate(&schema()).unwrap();
+        assert_eq!(p.treatment("id", false), Treatment::Pseudonymise);
+        assert_eq!(p.treatment("name", false), Treatment::Nullify);
+        assert_eq!(p.treatment("born", false), Treatment::Generalise(Generalisation::Year));
+        assert_eq!(p.treatment("at", false), Treatment::Drop);
+        p.columns.insert("at".into(), ColumnPolicy::new(ColumnClass::Sensitive));
+        assert_eq!(p.treatment("at", false), Treatment::Keep);
+        p.special_category = true;
+        assert_eq!(p.treatment("at", false), Treatment::Drop);
+        assert_eq!(p.treatment("at", true), Treatment::Keep);
+        p.columns.insert(
+            "name".into(),
+            ColumnPolicy {
+                mask: Some(Mask::Pseudonymise),
+                ..ColumnPolicy::new(ColumnClass::DirectIdentifier)
+            },
+        );
+        assert!(
+            p.validate(&schema())
+                .unwrap_err()
+                .to_string()
+                .contains("direct identifier")
+        );
     }
 
     #[test]
@@ -426,13 +560,8 @@ mod tests {
             ),
             (
                 Box::new(|p| {
-                    p.columns.insert(
-                        "ghost".into(),
-                        ColumnPolicy {
-                            class: ColumnClass::Sensitive,
-                            generalise: None,
-                        },
-                    );
+                    p.columns
+                        .insert("ghost".into(), ColumnPolicy::new(ColumnClass::Sensitive));
                 }),
                 "no such column",
             ),
@@ -463,7 +592,7 @@ mod tests {
     fn generalisation_syntax() {
         assert_eq!(Generalisation::parse("prefix:2").unwrap(), Generalisation::Prefix(2));
         assert_eq!(Generalisation::parse("bucket:10").unwrap(), Generalisation::Bucket(10));
-        for bad in ["prefix:0", "prefix:", "decade", "bucket:-1"] {
+        for bad in ["prefix:0", "prefix:", "prefix:33", "decade", "bucket:-1", "bucket:1"] {
             assert!(Generalisation::parse(bad).is_err(), "{bad}");
         }
     }

@@ -19,7 +19,7 @@ pub enum Error {
         rule: &'static str,
     },
     /// A generalisation rule is malformed.
-    #[error("invalid generalisation `{rule}`: use year, month, prefix:N or bucket:N with N ≥ 1")]
+    #[error("invalid generalisation `{rule}`: use year, month, prefix:N (1 ≤ N ≤ 32) or bucket:N (N ≥ 2)")]
     InvalidGeneralisation { rule: String },
     /// A manifest does not match its source or is incomplete.
     #[error("dataset `{dataset}`: {reason}")]
@@ -33,6 +33,10 @@ pub enum Error {
     /// The request is not allowed.
     #[error("access denied: {reason}")]
     AccessDenied { reason: String },
+    /// The raw source failed while streaming. The cause is logged, never sent: it may quote raw
+    /// rows the caller may not see.
+    #[error("reading dataset `{dataset}` failed; the operator can find the cause in the server log")]
+    SourceRead { dataset: String },
     /// A type or feature the gate cannot handle.
     #[error("unsupported: {what}")]
     Unsupported { what: String },

@@ -26,7 +26,7 @@ pub mod purpose;
 
 pub use authz::{Authorizer, Decision, Permit, Principal, Role};
 pub use classification::{
-    ColumnClass, ColumnPolicy, DatasetId, DatasetPolicy, Generalisation, LegalBasis, MemberState,
+    ColumnClass, ColumnPolicy, DatasetId, DatasetPolicy, Generalisation, LegalBasis, Mask, MemberState, Treatment,
 };
 pub use error::{Error, Result};
 pub use purpose::Purpose;

@@ -7,5 +7,6 @@
 
 mod config;
 mod flight;
+mod policy;
 mod reference;
 mod withdrawal;

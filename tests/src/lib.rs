@@ -42,8 +42,25 @@ impl TestGateway {
         Ok(gw)
     }
 
+    /// Starts a gateway with `rows` demo rows and a configuration adjusted by `adjust`.
+    pub async fn start_with(rows: usize, adjust: impl FnOnce(&mut GatewayConfig, &Path)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().to_path_buf();
+        let mut gw = Self::start_configured(&path, rows, adjust).await?;
+        gw._dir = Some(dir);
+        Ok(gw)
+    }
+
     /// Starts a gateway on an existing data directory.
     pub async fn start_in(data_dir: &Path, rows: usize) -> anyhow::Result<Self> {
+        Self::start_configured(data_dir, rows, |_, _| {}).await
+    }
+
+    async fn start_configured(
+        data_dir: &Path,
+        rows: usize,
+        adjust: impl FnOnce(&mut GatewayConfig, &Path),
+    ) -> anyhow::Result<Self> {
         let mut cfg = GatewayConfig {
             data_dir: Some(data_dir.to_path_buf()),
             ..Default::default()
@@ -52,6 +69,7 @@ impl TestGateway {
         cfg.server.http_addr = "127.0.0.1:0".into();
         cfg.demo.enabled = true;
         cfg.demo.rows = rows;
+        adjust(&mut cfg, data_dir);
         let app = Application::build(&cfg).await?;
         let (flight_addr, http_addr, node) = (app.flight_addr(), app.http_addr(), app.node());
         let keys_json: serde_json::Value =

@@ -46,11 +46,24 @@ pub struct ConsentEvent {
     pub status: ConsentStatus,
     /// When the subject made the decision, in microseconds since the Unix epoch (UTC).
     pub at_micros: i64,
+    /// When a grant stops counting (microseconds since the epoch), if it has an end date.
+    pub expires_at_micros: Option<i64>,
 }
 
 impl ConsentEvent {
     /// Builds an event from the CSV/JSON text fields, naming the field that is wrong.
     pub fn parse(subject_id: &str, purpose: &str, status: &str, timestamp: &str) -> Result<Self> {
+        Self::parse_with_expiry(subject_id, purpose, status, timestamp, None)
+    }
+
+    /// As [`ConsentEvent::parse`], with an optional RFC 3339 expiry (empty means none).
+    pub fn parse_with_expiry(
+        subject_id: &str,
+        purpose: &str,
+        status: &str,
+        timestamp: &str,
+        expires_at: Option<&str>,
+    ) -> Result<Self> {
         let subject_id = subject_id.trim();
         if subject_id.is_empty() {
             return Err(Error::InvalidConsentEvent {
@@ -67,11 +80,26 @@ impl ConsentEvent {
         let at = chrono::DateTime::parse_from_rfc3339(timestamp.trim()).map_err(|e| Error::InvalidConsentEvent {
             reason: format!("timestamp `{timestamp}` is not RFC 3339 ({e}); write e.g. 2024-05-01T12:00:00Z"),
         })?;
+        let expires_at_micros = match expires_at.map(str::trim).filter(|e| !e.is_empty()) {
+            None => None,
+            Some(e) => {
+                let t = chrono::DateTime::parse_from_rfc3339(e).map_err(|err| Error::InvalidConsentEvent {
+                    reason: format!("expires_at `{e}` is not RFC 3339 ({err}); write e.g. 2027-01-01T00:00:00Z"),
+                })?;
+                if t.timestamp_micros() <= at.timestamp_micros() {
+                    return Err(Error::InvalidConsentEvent {
+                        reason: format!("expires_at `{e}` is not after the event's timestamp `{timestamp}`"),
+                    });
+                }
+                Some(t.timestamp_micros())
+            }
+        };
         Ok(Self {
             subject_id: subject_id.to_string(),
             purpose,
             status,
             at_micros: at.timestamp_micros(),
+            expires_at_micros,
         })
     }
 }

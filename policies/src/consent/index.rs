@@ -1,10 +1,16 @@
 //! The in-memory consent index.
 //!
-//! Events are applied incrementally in store order (by sequence number). For each registry and
-//! purpose the index keeps the latest event per subject. The gate does not walk events: it asks
-//! for a compiled [`SubjectSet`] for (registry, requested purpose, legal basis, key kind), which
-//! is built once per registry version and shared by every stream through an `Arc`. A stream
-//! checks the registry version at each batch boundary, so a withdrawal reaches open streams.
+//! Events are applied incrementally in store order. For each registry and purpose the index keeps
+//! one `i64` per subject, the rank of its latest event: `rank = 2 * time + withdrawn`, so the
+//! largest rank is the latest event and, at equal times, a withdrawal beats a grant. Canonical
+//! integer ids (`"42"`) are kept as integers, other ids as strings; grants with an end date keep
+//! it in a small side map. That is 16 bytes per subject and purpose for integer ids, so ten
+//! million subjects fit in a few hundred MB.
+//!
+//! The gate does not walk events: it asks for a compiled [`SubjectSet`] for (registry, requested
+//! purpose, legal basis, key kind), built once per registry version (or earliest grant expiry)
+//! and shared by every stream through an `Arc`. A stream checks the registry version at each
+//! batch boundary, so a withdrawal reaches open streams.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -25,18 +31,102 @@ pub enum KeyKind {
     Str,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Latest {
-    at: i64,
-    seq: u64,
-    granted: bool,
+/// Time source for consent validity, injectable so that tests can move time.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Microseconds since the Unix epoch.
+    fn now_micros(&self) -> i64;
 }
 
-impl Latest {
-    /// Order of events for one subject: later time wins; at the same time a withdrawal beats a
-    /// grant (the conservative reading); then the later store sequence.
-    fn rank(&self) -> (i64, bool, u64) {
-        (self.at, !self.granted, self.seq)
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_micros(&self) -> i64 {
+        chrono::Utc::now().timestamp_micros()
+    }
+}
+
+/// A compiled set with the registry version it reflects and the time until which it holds
+/// (the earliest future grant expiry among its decisions).
+#[derive(Debug, Clone)]
+pub struct ConsentSnapshot {
+    /// Registry version.
+    pub version: u64,
+    /// Valid until this time (microseconds since the epoch).
+    pub valid_until: i64,
+    /// The subjects.
+    pub set: Arc<SubjectSet>,
+}
+
+/// `2 * time + withdrawn`: larger is later; a withdrawal wins a tie.
+fn rank(at_micros: i64, granted: bool) -> i64 {
+    at_micros.saturating_mul(2).saturating_add(i64::from(!granted))
+}
+fn rank_granted(rank: i64) -> bool {
+    rank & 1 == 0
+}
+
+/// A subject id as stored: canonical integers as integers, anything else as text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SubjectKey {
+    Int(i64),
+    Str(Box<str>),
+}
+
+impl SubjectKey {
+    fn of(s: &str) -> Self {
+        match s.parse::<i64>() {
+            Ok(i) if itoa::Buffer::new().format(i) == s => SubjectKey::Int(i),
+            _ => SubjectKey::Str(s.into()),
+        }
+    }
+}
+
+/// Latest event rank per subject for one purpose.
+#[derive(Debug, Default)]
+struct PurposeMap {
+    ints: HashMap<i64, i64, RandomState>,
+    strs: HashMap<Box<str>, i64, RandomState>,
+    /// End of validity of latest events that are grants with an end date.
+    expiring: HashMap<SubjectKey, i64, RandomState>,
+}
+
+impl PurposeMap {
+    fn apply(&mut self, key: SubjectKey, new_rank: i64, expires: Option<i64>) {
+        let slot = match &key {
+            SubjectKey::Int(i) => self.ints.entry(*i).or_insert(i64::MIN),
+            SubjectKey::Str(s) => match self.strs.get_mut(s.as_ref()) {
+                Some(r) => r,
+                None => self.strs.entry(s.clone()).or_insert(i64::MIN),
+            },
+        };
+        if new_rank < *slot {
+            return;
+        }
+        *slot = new_rank;
+        match expires.filter(|_| rank_granted(new_rank)) {
+            Some(e) => {
+                self.expiring.insert(key, e);
+            }
+            None => {
+                if !self.expiring.is_empty() {
+                    self.expiring.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn get(&self, key: &SubjectKey) -> Option<(i64, i64)> {
+        let r = match key {
+            SubjectKey::Int(i) => self.ints.get(i)?,
+            SubjectKey::Str(s) => self.strs.get(s.as_ref())?,
+        };
+        Some((*r, self.expiring.get(key).copied().unwrap_or(i64::MAX)))
+    }
+
+    fn len(&self) -> usize {
+        self.ints.len() + self.strs.len()
     }
 }
 
@@ -44,8 +134,8 @@ impl Latest {
 struct Registry {
     /// Sequence number of the last event applied to this registry.
     version: u64,
-    by_purpose: HashMap<Purpose, HashMap<Box<str>, Latest, RandomState>>,
-    compiled: HashMap<(Purpose, LegalBasis, KeyKind), Arc<SubjectSet>>,
+    by_purpose: HashMap<Purpose, PurposeMap>,
+    compiled: HashMap<(Purpose, LegalBasis, KeyKind), ConsentSnapshot>,
 }
 
 #[derive(Debug, Default)]
@@ -55,9 +145,16 @@ struct Inner {
 }
 
 /// Latest consent state per (registry, purpose, subject), and compiled probe sets.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConsentIndex {
     inner: RwLock<Inner>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for ConsentIndex {
+    fn default() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
 }
 
 /// Integer subject ids: a bitmap when the ids are dense, a hash set otherwise.
@@ -92,8 +189,11 @@ impl SubjectSet {
     pub fn contains_i64(&self, id: i64) -> bool {
         match self {
             SubjectSet::Ints(IntSet::Dense { min, bits, .. }) => {
-                let off = id.wrapping_sub(*min);
-                if id < *min || off as u64 >= (bits.len() as u64) * 64 {
+                if id < *min {
+                    return false;
+                }
+                let off = id.wrapping_sub(*min) as u64;
+                if off >= (bits.len() as u64) * 64 {
                     return false;
                 }
                 let off = off as usize;
@@ -127,6 +227,15 @@ impl SubjectSet {
         self.len() == 0
     }
 
+    /// Approximate heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            SubjectSet::Ints(IntSet::Dense { bits, .. }) => bits.capacity() * 8,
+            SubjectSet::Ints(IntSet::Sparse(s)) => s.capacity() * 9,
+            SubjectSet::Strs(s) => s.capacity() * 17 + s.iter().map(|b| b.len().max(8)).sum::<usize>(),
+        }
+    }
+
     fn compile_ints(ids: Vec<i64>) -> Self {
         let (Some(&min), Some(&max)) = (ids.iter().min(), ids.iter().max()) else {
             return SubjectSet::Ints(IntSet::Sparse(HashSet::default()));
@@ -148,9 +257,22 @@ impl SubjectSet {
 }
 
 impl ConsentIndex {
-    /// An empty index.
+    /// An empty index on the system clock.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty index on the given clock.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            inner: RwLock::new(Inner::default()),
+            clock,
+        }
+    }
+
+    /// The index's notion of now.
+    pub fn now_micros(&self) -> i64 {
+        self.clock.now_micros()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -165,6 +287,16 @@ impl ConsentIndex {
         self.read().applied_seq
     }
 
+    /// Number of (subject, purpose) entries held, for memory reports.
+    pub fn entries(&self) -> usize {
+        self.read()
+            .registries
+            .values()
+            .flat_map(|r| r.by_purpose.values())
+            .map(PurposeMap::len)
+            .sum()
+    }
+
     /// Applies events in store order. Events at or below [`Self::applied_seq`] are skipped, so
     /// re-applying a range is harmless.
     pub fn apply<'a>(&self, events: impl IntoIterator<Item = (u64, &'a str, &'a ConsentEvent)>) {
@@ -177,19 +309,12 @@ impl ConsentIndex {
             let reg = inner.registries.entry(registry.to_string()).or_default();
             reg.version = seq;
             reg.compiled.clear();
-            let latest = Latest {
-                at: ev.at_micros,
-                seq,
-                granted: ev.status == ConsentStatus::Granted,
-            };
-            let per_subject = reg.by_purpose.entry(ev.purpose.clone()).or_default();
-            match per_subject.get_mut(ev.subject_id.as_str()) {
-                Some(cur) if cur.rank() > latest.rank() => {}
-                Some(cur) => *cur = latest,
-                None => {
-                    per_subject.insert(ev.subject_id.as_str().into(), latest);
-                }
-            }
+            let r = rank(ev.at_micros, ev.status == ConsentStatus::Granted);
+            reg.by_purpose.entry(ev.purpose.clone()).or_default().apply(
+                SubjectKey::of(&ev.subject_id),
+                r,
+                ev.expires_at_micros,
+            );
         }
     }
 
@@ -199,87 +324,148 @@ impl ConsentIndex {
     }
 
     /// Reference decision for one subject (used by explain and tests; the gate uses sets).
+    /// `None` when the subject has no event for the purpose or its ancestors.
     pub fn decide(&self, registry: &str, purpose: &Purpose, subject: &str) -> Option<ConsentStatus> {
         let inner = self.read();
         let reg = inner.registries.get(registry)?;
-        latest_for(reg, purpose, subject).map(|l| {
-            if l.granted {
-                ConsentStatus::Granted
-            } else {
-                ConsentStatus::Withdrawn
-            }
+        let key = SubjectKey::of(subject);
+        let now = self.clock.now_micros();
+        let (r, expires) = purpose
+            .self_and_ancestors()
+            .iter()
+            .filter_map(|p| reg.by_purpose.get(p)?.get(&key))
+            .max_by_key(|(r, _)| *r)?;
+        Some(if rank_granted(r) && expires > now {
+            ConsentStatus::Granted
+        } else {
+            ConsentStatus::Withdrawn
         })
     }
 
-    /// The compiled set for a request, with the registry version it reflects.
-    pub fn subject_set(
-        &self,
-        registry: &str,
-        purpose: &Purpose,
-        basis: LegalBasis,
-        kind: KeyKind,
-    ) -> (u64, Arc<SubjectSet>) {
+    /// The compiled set for a request, with the registry version it reflects and how long it holds.
+    pub fn subject_set(&self, registry: &str, purpose: &Purpose, basis: LegalBasis, kind: KeyKind) -> ConsentSnapshot {
         let key = (purpose.clone(), basis, kind);
+        let now = self.clock.now_micros();
+        let empty = || ConsentSnapshot {
+            version: 0,
+            valid_until: i64::MAX,
+            set: Arc::new(SubjectSet::compile_ints(Vec::new())),
+        };
         {
             let inner = self.read();
             match inner.registries.get(registry) {
-                None => return (0, Arc::new(SubjectSet::compile_ints(Vec::new()))),
+                None => return empty(),
                 Some(reg) => {
-                    if let Some(set) = reg.compiled.get(&key) {
-                        return (reg.version, Arc::clone(set));
+                    if let Some(snap) = reg.compiled.get(&key).filter(|s| now < s.valid_until) {
+                        return snap.clone();
                     }
                 }
             }
         }
         let mut inner = self.write();
         let Some(reg) = inner.registries.get_mut(registry) else {
-            return (0, Arc::new(SubjectSet::compile_ints(Vec::new())));
+            return empty();
         };
-        if let Some(set) = reg.compiled.get(&key) {
-            return (reg.version, Arc::clone(set));
+        if let Some(snap) = reg.compiled.get(&key).filter(|s| now < s.valid_until) {
+            return snap.clone();
         }
-        let set = Arc::new(compile(reg, purpose, basis, kind));
-        reg.compiled.insert(key, Arc::clone(&set));
-        (reg.version, set)
+        let (set, valid_until) = compile(reg, purpose, basis, kind, now);
+        let snap = ConsentSnapshot {
+            version: reg.version,
+            valid_until,
+            set: Arc::new(set),
+        };
+        reg.compiled.insert(key, snap.clone());
+        snap
     }
 }
 
-fn latest_for(reg: &Registry, purpose: &Purpose, subject: &str) -> Option<Latest> {
-    purpose
-        .self_and_ancestors()
-        .iter()
-        .filter_map(|p| reg.by_purpose.get(p)?.get(subject).copied())
-        .max_by_key(|l| l.rank())
-}
-
-fn compile(reg: &Registry, purpose: &Purpose, basis: LegalBasis, kind: KeyKind) -> SubjectSet {
-    let maps: Vec<_> = purpose
+/// Decides every subject with an event among `purpose` and its ancestors.
+fn compile(reg: &Registry, purpose: &Purpose, basis: LegalBasis, kind: KeyKind, now: i64) -> (SubjectSet, i64) {
+    let maps: Vec<&PurposeMap> = purpose
         .self_and_ancestors()
         .iter()
         .filter_map(|p| reg.by_purpose.get(p))
         .collect();
-    // Under consent we collect grants (rows kept); under public interest, withdrawals (rows dropped).
+    // Under consent we collect valid grants (rows kept); under public interest, everyone else
+    // with an event (objections; an expired grant is no objection).
     let want_granted = basis == LegalBasis::Consent;
-    let mut decided: HashMap<&str, Latest, RandomState> = HashMap::default();
-    for m in &maps {
-        for (subject, l) in m.iter() {
-            decided
-                .entry(subject)
-                .and_modify(|cur| {
-                    if l.rank() > cur.rank() {
-                        *cur = *l;
-                    }
-                })
-                .or_insert(*l);
+    let mut valid_until = i64::MAX;
+    let mut decide = |r: i64, expires: i64| {
+        let granted = rank_granted(r) && expires > now;
+        if granted && expires != i64::MAX {
+            valid_until = valid_until.min(expires);
         }
-    }
-    let members = decided
-        .into_iter()
-        .filter(|(_, l)| l.granted == want_granted)
-        .map(|(s, _)| s);
-    match kind {
-        KeyKind::Int => SubjectSet::compile_ints(members.filter_map(|s| s.parse::<i64>().ok()).collect()),
-        KeyKind::Str => SubjectSet::Strs(members.map(Box::from).collect()),
+        if basis == LegalBasis::Consent {
+            granted == want_granted
+        } else {
+            !rank_granted(r)
+        }
+    };
+    let expiry = |key: &SubjectKey, m: &PurposeMap| m.expiring.get(key).copied().unwrap_or(i64::MAX);
+    let set = match kind {
+        KeyKind::Int => {
+            // Integer columns: `"42"` and a non-canonical `"042"` are one subject.
+            let mut latest: HashMap<i64, (i64, i64), RandomState> = HashMap::default();
+            for m in &maps {
+                for (id, r) in &m.ints {
+                    merge(&mut latest, *id, *r, || expiry(&SubjectKey::Int(*id), m));
+                }
+                for (s, r) in &m.strs {
+                    if let Ok(id) = s.trim().parse::<i64>() {
+                        merge(&mut latest, id, *r, || expiry(&SubjectKey::Str(s.clone()), m));
+                    }
+                }
+            }
+            SubjectSet::compile_ints(
+                latest
+                    .into_iter()
+                    .filter(|(_, (r, e))| decide(*r, *e))
+                    .map(|(k, _)| k)
+                    .collect(),
+            )
+        }
+        KeyKind::Str => {
+            let mut latest: HashMap<SubjectKey, (i64, i64), RandomState> = HashMap::default();
+            for m in &maps {
+                for (id, r) in &m.ints {
+                    let k = SubjectKey::Int(*id);
+                    let e = expiry(&k, m);
+                    merge(&mut latest, k, *r, || e);
+                }
+                for (s, r) in &m.strs {
+                    let k = SubjectKey::Str(s.clone());
+                    let e = expiry(&k, m);
+                    merge(&mut latest, k, *r, || e);
+                }
+            }
+            SubjectSet::Strs(
+                latest
+                    .into_iter()
+                    .filter(|(_, (r, e))| decide(*r, *e))
+                    .map(|(k, _)| match k {
+                        SubjectKey::Int(i) => Box::from(itoa::Buffer::new().format(i)),
+                        SubjectKey::Str(s) => s,
+                    })
+                    .collect(),
+            )
+        }
+    };
+    (set, valid_until)
+}
+
+fn merge<K: std::hash::Hash + Eq>(
+    latest: &mut HashMap<K, (i64, i64), RandomState>,
+    k: K,
+    r: i64,
+    expires: impl FnOnce() -> i64,
+) {
+    match latest.get_mut(&k) {
+        Some(cur) if cur.0 >= r => {}
+        Some(cur) => *cur = (r, expires()),
+        None => {
+            latest.insert(k, (r, expires()));
+        }
     }
 }
 
@@ -308,10 +494,14 @@ impl ConsentView {
     pub fn version(&self) -> u64 {
         self.index.registry_version(&self.registry)
     }
-    /// Current compiled set and its version.
-    pub fn snapshot(&self) -> (u64, Arc<SubjectSet>) {
+    /// Current compiled set.
+    pub fn snapshot(&self) -> ConsentSnapshot {
         self.index
             .subject_set(&self.registry, &self.purpose, self.basis, self.kind)
+    }
+    /// Whether a snapshot still holds: same registry version and no grant in it has expired.
+    pub fn is_current(&self, snap: &ConsentSnapshot) -> bool {
+        snap.version == self.version() && self.index.now_micros() < snap.valid_until
     }
     /// Under `consent`, members are kept; under `public-interest`, members are dropped.
     pub fn keep_members(&self) -> bool {
@@ -329,6 +519,7 @@ mod tests {
             purpose: Purpose::parse(p).unwrap(),
             status: ConsentStatus::parse(st).unwrap(),
             at_micros: t,
+            expires_at_micros: None,
         }
     }
 
@@ -346,12 +537,12 @@ mod tests {
         ];
         idx.apply(events.iter().enumerate().map(|(i, e)| (i as u64 + 1, "r", e)));
         let ai = Purpose::parse("research/ai-training").unwrap();
-        let (_, set) = idx.subject_set("r", &ai, LegalBasis::Consent, KeyKind::Int);
+        let set = idx.subject_set("r", &ai, LegalBasis::Consent, KeyKind::Int).set;
         assert!(!set.contains_i64(1) && !set.contains_i64(2) && !set.contains_i64(3) && !set.contains_i64(4));
         let epi = Purpose::parse("research/epidemiology").unwrap();
-        let (_, set) = idx.subject_set("r", &epi, LegalBasis::Consent, KeyKind::Str);
+        let set = idx.subject_set("r", &epi, LegalBasis::Consent, KeyKind::Str).set;
         assert!(set.contains_str("1") && set.contains_str("3") && !set.contains_str("2"));
-        let (_, objectors) = idx.subject_set("r", &ai, LegalBasis::PublicInterest, KeyKind::Int);
+        let objectors = idx.subject_set("r", &ai, LegalBasis::PublicInterest, KeyKind::Int).set;
         assert!(objectors.contains_i64(1) && objectors.contains_i64(2) && objectors.contains_i64(4));
         assert_eq!(objectors.len(), 3);
     }
@@ -362,14 +553,78 @@ mod tests {
         let p = Purpose::parse("a").unwrap();
         let g = ev("7", "a", "granted", 1);
         idx.apply([(1, "r", &g)]);
-        let (v1, s1) = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
+        let ConsentSnapshot {
+            version: v1, set: s1, ..
+        } = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
         assert!(s1.contains_i64(7));
         let w = ev("7", "a", "withdrawn", 2);
         idx.apply([(2, "r", &w), (1, "r", &g)]);
-        let (v2, s2) = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
+        let ConsentSnapshot {
+            version: v2, set: s2, ..
+        } = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
         assert_eq!((v1, v2), (1, 2));
         assert!(!s2.contains_i64(7));
         assert_eq!(idx.registry_version("other"), 0);
+    }
+
+    #[derive(Debug)]
+    struct FixedClock(std::sync::atomic::AtomicI64);
+    impl Clock for FixedClock {
+        fn now_micros(&self) -> i64 {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn grants_expire_and_sets_follow_the_clock() {
+        let clock = Arc::new(FixedClock(std::sync::atomic::AtomicI64::new(100)));
+        let idx = ConsentIndex::with_clock(Arc::clone(&clock) as Arc<dyn Clock>);
+        let mut g = ev("1", "a", "granted", 10);
+        g.expires_at_micros = Some(200);
+        let forever = ev("2", "a", "granted", 10);
+        idx.apply([(1, "r", &g), (2, "r", &forever)]);
+        let p = Purpose::parse("a").unwrap();
+        let snap = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
+        assert!(snap.set.contains_i64(1) && snap.set.contains_i64(2));
+        assert_eq!(snap.valid_until, 200);
+        let view = ConsentView::new(
+            Arc::new(ConsentIndex::with_clock(Arc::clone(&clock) as Arc<dyn Clock>)),
+            "r".into(),
+            p.clone(),
+            LegalBasis::Consent,
+            KeyKind::Int,
+        );
+        assert!(view.is_current(&view.snapshot()));
+        clock.0.store(200, std::sync::atomic::Ordering::Relaxed);
+        let later = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
+        assert!(!later.set.contains_i64(1) && later.set.contains_i64(2));
+        assert_eq!(idx.decide("r", &p, "1"), Some(ConsentStatus::Withdrawn));
+        // Under public interest an expired grant is simply no objection.
+        assert!(
+            !idx.subject_set("r", &p, LegalBasis::PublicInterest, KeyKind::Int)
+                .set
+                .contains_i64(1)
+        );
+    }
+
+    #[test]
+    fn integer_ids_are_one_subject_whatever_their_spelling() {
+        let idx = ConsentIndex::new();
+        let g = ev("000042", "a", "granted", 1);
+        let w = ev("42", "a", "withdrawn", 2);
+        idx.apply([(1, "r", &g), (2, "r", &w)]);
+        let p = Purpose::parse("a").unwrap();
+        assert!(
+            !idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int)
+                .set
+                .contains_i64(42)
+        );
+        // String columns keep spellings apart: "000042" is a different string id.
+        assert!(
+            idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Str)
+                .set
+                .contains_str("000042")
+        );
     }
 
     #[test]

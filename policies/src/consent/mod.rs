@@ -7,5 +7,5 @@ pub mod index;
 pub mod store;
 
 pub use event::{ConsentEvent, ConsentStatus};
-pub use index::{ConsentIndex, ConsentView, SubjectSet};
+pub use index::{Clock, ConsentIndex, ConsentSnapshot, ConsentView, SubjectSet, SystemClock};
 pub use store::ConsentStore;

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS consent_events (
     purpose            TEXT    NOT NULL,
     status             TEXT    NOT NULL CHECK (status IN ('granted', 'withdrawn')),
     at_micros          INTEGER NOT NULL,
+    expires_at_micros  INTEGER,
     recorded_at_micros INTEGER NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS consent_events_no_update BEFORE UPDATE ON consent_events
@@ -32,7 +33,7 @@ CREATE TRIGGER IF NOT EXISTS consent_events_no_delete BEFORE DELETE ON consent_e
 BEGIN SELECT RAISE(ABORT, 'consent events are append-only'); END;
 ";
 
-/// Rows per multi-row INSERT (6 parameters each, well under SQLite's parameter limit).
+/// Rows per multi-row INSERT (7 parameters each, well under SQLite's parameter limit).
 const INSERT_CHUNK: usize = 1000;
 
 impl ConsentStore {
@@ -63,7 +64,7 @@ impl ConsentStore {
         })?;
         for chunk in events.chunks(INSERT_CHUNK) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO consent_events (registry, subject_id, purpose, status, at_micros, recorded_at_micros) ",
+                "INSERT INTO consent_events (registry, subject_id, purpose, status, at_micros, expires_at_micros, recorded_at_micros) ",
             );
             qb.push_values(chunk, |mut b, e| {
                 b.push_bind(registry)
@@ -71,6 +72,7 @@ impl ConsentStore {
                     .push_bind(e.purpose.as_str())
                     .push_bind(e.status.as_str())
                     .push_bind(e.at_micros)
+                    .push_bind(e.expires_at_micros)
                     .push_bind(now);
             });
             qb.build().execute(&mut *tx).await.map_err(|source| Error::Store {
@@ -100,7 +102,7 @@ impl ConsentStore {
     /// Events after `seq`, in order, at most `limit` of them.
     pub async fn load_since(&self, seq: u64, limit: u32) -> Result<Vec<(u64, String, ConsentEvent)>> {
         let rows = sqlx::query(
-            "SELECT seq, registry, subject_id, purpose, status, at_micros FROM consent_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, registry, subject_id, purpose, status, at_micros, expires_at_micros FROM consent_events WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(seq as i64)
         .bind(i64::from(limit))
@@ -121,6 +123,7 @@ impl ConsentStore {
                     purpose: Purpose::parse(&purpose)?,
                     status: ConsentStatus::parse(&status)?,
                     at_micros: row.get(5),
+                    expires_at_micros: row.get(6),
                 },
             ));
         }

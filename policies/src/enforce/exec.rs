@@ -78,13 +78,14 @@ impl DisplayAs for EnforceExec {
         };
         write!(
             f,
-            "EnforceExec: dataset={}, purpose={}, basis={}, subject={}, pseudonymised=[{}], generalised=[{}]",
+            "EnforceExec: dataset={}, purpose={}, basis={}, subject={}, pseudonymised=[{}], generalised=[{}], nullified=[{}]",
             self.grant.policy.name,
             self.grant.purpose,
             self.grant.policy.legal_basis.as_str(),
             self.grant.policy.subject_column,
             names(|a| matches!(a, ColumnAction::Pseudonymise)),
             names(|a| matches!(a, ColumnAction::Generalise(_))),
+            names(|a| matches!(a, ColumnAction::Nullify)),
         )
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use crate::authz::Decision;
-use crate::classification::{ColumnClass, DatasetPolicy, Generalisation, is_supported_subject_type};
+use crate::classification::{DatasetPolicy, Generalisation, Treatment, is_supported_subject_type};
 use crate::consent::index::KeyKind;
 use crate::consent::{ConsentIndex, ConsentView};
 use crate::enforce::pseudonymise::Pseudonymiser;
@@ -24,6 +24,8 @@ pub enum ColumnAction {
     Pseudonymise,
     /// Generalised by the rule.
     Generalise(Generalisation),
+    /// Sent as nulls of the column's type.
+    Nullify,
 }
 
 /// Counters a stream updates as it goes, read by the audit at completion. Shared by every
@@ -111,17 +113,12 @@ impl Grant {
         let mut fields = Vec::new();
         let mut columns = Vec::new();
         for (i, field) in raw_schema.fields().iter().enumerate() {
-            let Some(col) = policy.columns.get(field.name()) else {
-                continue;
-            };
-            let action = match col.class {
-                ColumnClass::DirectIdentifier => continue,
-                ColumnClass::Identifier => ColumnAction::Pseudonymise,
-                ColumnClass::QuasiIdentifier => match col.generalise {
-                    Some(g) => ColumnAction::Generalise(g),
-                    None => continue,
-                },
-                ColumnClass::Sensitive | ColumnClass::NonPersonal => ColumnAction::Keep,
+            let action = match policy.treatment(field.name(), decision.special_category) {
+                Treatment::Drop => continue,
+                Treatment::Keep => ColumnAction::Keep,
+                Treatment::Nullify => ColumnAction::Nullify,
+                Treatment::Pseudonymise => ColumnAction::Pseudonymise,
+                Treatment::Generalise(g) => ColumnAction::Generalise(g),
             };
             let out = match action {
                 ColumnAction::Pseudonymise => Field::new(field.name(), DataType::Utf8, true),

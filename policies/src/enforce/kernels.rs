@@ -71,6 +71,7 @@ pub fn generalise(col: &ArrayRef, rule: Generalisation) -> Result<ArrayRef> {
         Generalisation::Year | Generalisation::Month => truncate_temporal(col, rule == Generalisation::Year),
         Generalisation::Prefix(n) => prefix(col, usize::from(n)),
         Generalisation::Bucket(n) => bucket(col, n),
+        Generalisation::Top(n) => top_code(col, n),
     }
 }
 
@@ -206,6 +207,40 @@ fn bucket(col: &ArrayRef, n: u32) -> Result<ArrayRef> {
     })
 }
 
+fn top_code(col: &ArrayRef, cap: i64) -> Result<ArrayRef> {
+    macro_rules! int {
+        ($t:ty, $native:ty) => {{
+            let c = <$native>::try_from(cap).unwrap_or(if cap < 0 { <$native>::MIN } else { <$native>::MAX });
+            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| v.min(c));
+            Arc::new(out) as ArrayRef
+        }};
+    }
+    macro_rules! float {
+        ($t:ty, $native:ty) => {{
+            let c = cap as $native;
+            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| if v > c { c } else { v });
+            Arc::new(out) as ArrayRef
+        }};
+    }
+    Ok(match col.data_type() {
+        DataType::Int8 => int!(Int8Type, i8),
+        DataType::Int16 => int!(Int16Type, i16),
+        DataType::Int32 => int!(Int32Type, i32),
+        DataType::Int64 => int!(Int64Type, i64),
+        DataType::UInt8 => int!(UInt8Type, u8),
+        DataType::UInt16 => int!(UInt16Type, u16),
+        DataType::UInt32 => int!(UInt32Type, u32),
+        DataType::UInt64 => int!(UInt64Type, u64),
+        DataType::Float32 => float!(Float32Type, f32),
+        DataType::Float64 => float!(Float64Type, f64),
+        other => {
+            return Err(Error::Unsupported {
+                what: format!("top-coding of type {other}"),
+            });
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,7 +260,7 @@ mod tests {
             .collect();
         idx.apply(evs.iter().enumerate().map(|(i, e)| (i as u64 + 1, "r", e)));
         idx.subject_set("r", &Purpose::parse("a").unwrap(), LegalBasis::Consent, kind)
-            .1
+            .set
     }
 
     #[test]
@@ -290,6 +325,8 @@ mod tests {
         let f: ArrayRef = Arc::new(Float64Array::from(vec![7.9, -0.5]));
         let b = generalise(&f, Generalisation::Bucket(5)).unwrap();
         assert_eq!(b.as_primitive::<Float64Type>().values().to_vec(), vec![5.0, -5.0]);
+        let top = generalise(&f, Generalisation::Top(6)).unwrap();
+        assert_eq!(top.as_primitive::<Float64Type>().values().to_vec(), vec![6.0, -0.5]);
         let i: ArrayRef = Arc::new(Int64Array::from(vec![i64::MIN, 14, -1]));
         let b = generalise(&i, Generalisation::Bucket(10)).unwrap();
         assert_eq!(b.as_primitive::<Int64Type>().values().to_vec(), vec![i64::MIN, 10, -10]);

@@ -1,7 +1,8 @@
 //! Keyed pseudonyms per recipient organisation.
 //!
-//! `pseudonym = hex(HMAC-SHA256(k_org, canonical(value))[..16])` where
-//! `k_org = HMAC-SHA256(master, "passerelle/pseudonym/v1/" || org)`. One organisation always
+//! `pseudonym = hex(key_version || HMAC-SHA256(k_org, canonical(value))[..15])` where
+//! `k_org = HMAC-SHA256(master_v, "passerelle/pseudonym/v1/" || org)`. The leading byte names the
+//! master-key version, so after a key rotation old pseudonyms are recognisable as old. One organisation always
 //! sees the same pseudonym for a subject (so it can link its own pulls), two organisations see
 //! unrelated ones (so they cannot join on them). Integers are canonicalised to their decimal
 //! text, so an id stored as `123` in one dataset and `"123"` in another pseudonymises equally.
@@ -33,6 +34,7 @@ pub fn is_pseudonymisable(dt: &DataType) -> bool {
 #[derive(Clone)]
 pub struct Pseudonymiser {
     keyed: HmacSha256,
+    key_version: u8,
 }
 
 impl std::fmt::Debug for Pseudonymiser {
@@ -42,8 +44,13 @@ impl std::fmt::Debug for Pseudonymiser {
 }
 
 impl Pseudonymiser {
-    /// Derives the recipient's key from the node's master key.
+    /// Derives the recipient's key from the node's master key (version 1).
     pub fn for_recipient(master_key: &[u8], org: &str) -> Self {
+        Self::for_recipient_versioned(master_key, 1, org)
+    }
+
+    /// Derives the recipient's key from master key `key_version`.
+    pub fn for_recipient_versioned(master_key: &[u8], key_version: u8, org: &str) -> Self {
         // HMAC accepts keys of any length, so new_from_slice cannot fail; fall back defensively.
         let mut kdf = HmacSha256::new_from_slice(master_key).unwrap_or_else(|_| keyed_zero());
         kdf.update(b"passerelle/pseudonym/v1/");
@@ -51,6 +58,7 @@ impl Pseudonymiser {
         let k_org = kdf.finalize().into_bytes();
         Self {
             keyed: HmacSha256::new_from_slice(&k_org).unwrap_or_else(|_| keyed_zero()),
+            key_version,
         }
     }
 
@@ -60,7 +68,8 @@ impl Pseudonymiser {
         m.update(bytes);
         let tag = m.finalize().into_bytes();
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        for (i, b) in tag[..PSEUDONYM_BYTES].iter().enumerate() {
+        let bytes = std::iter::once(&self.key_version).chain(tag[..PSEUDONYM_BYTES - 1].iter());
+        for (i, b) in bytes.enumerate() {
             out[2 * i] = HEX[(b >> 4) as usize];
             out[2 * i + 1] = HEX[(b & 15) as usize];
         }
@@ -156,5 +165,11 @@ mod tests {
         let dict: DictionaryArray<Int8Type> = vec!["123", "7", "123"].into_iter().collect();
         let pd = a.apply(&(Arc::new(dict) as ArrayRef)).unwrap();
         assert_eq!(pd.as_string::<i32>().value(2), pa.value(0));
+        // The key version leads, so a rotated key's pseudonyms are told apart.
+        assert!(pa.value(0).starts_with("01"));
+        let v2 = Pseudonymiser::for_recipient_versioned(b"master2", 2, "dkfz")
+            .apply(&ints)
+            .unwrap();
+        assert!(v2.as_string::<i32>().value(0).starts_with("02"));
     }
 }

@@ -7,14 +7,14 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
-use arrow::compute::FilterBuilder;
+use arrow::compute::{BatchCoalescer, FilterBuilder};
 use arrow::datatypes::SchemaRef;
 use datafusion::error::Result as DfResult;
 use datafusion::physical_plan::metrics::{BaselineMetrics, Count, ExecutionPlanMetricsSet, MetricBuilder};
 use datafusion::physical_plan::{RecordBatchStream, SendableRecordBatchStream};
 use futures::{Stream, StreamExt};
 
-use crate::consent::SubjectSet;
+use crate::consent::{ConsentSnapshot, SubjectSet};
 use crate::enforce::grant::{ColumnAction, Grant};
 use crate::enforce::kernels::{consent_mask, generalise};
 use crate::error::Result;
@@ -27,10 +27,16 @@ pub struct EnforceStream {
     outputs: Vec<(usize, ColumnAction)>,
     subject: usize,
     schema: SchemaRef,
-    consent: Option<(u64, Arc<SubjectSet>)>,
+    consent: Option<ConsentSnapshot>,
+    /// Gathers small filtered batches into training-sized ones; large ones pass through.
+    coalescer: BatchCoalescer,
+    input_done: bool,
     baseline: BaselineMetrics,
     dropped: Count,
 }
+
+/// Rows per output batch the coalescer aims for.
+const TARGET_BATCH_ROWS: usize = 8192;
 
 impl EnforceStream {
     pub(crate) fn new(
@@ -47,21 +53,24 @@ impl EnforceStream {
             grant,
             outputs,
             subject,
-            schema,
+            schema: Arc::clone(&schema),
             consent: None,
+            coalescer: BatchCoalescer::new(Arc::clone(&schema), TARGET_BATCH_ROWS)
+                .with_biggest_coalesce_batch_size(Some(TARGET_BATCH_ROWS / 2)),
+            input_done: false,
             baseline: BaselineMetrics::new(metrics, partition),
             dropped: MetricBuilder::new(metrics).counter("dropped_no_consent", partition),
         }
     }
 
     fn current_consent(&mut self) -> Arc<SubjectSet> {
-        let version = self.grant.consent.version();
         match &self.consent {
-            Some((v, set)) if *v == version => Arc::clone(set),
+            Some(snap) if self.grant.consent.is_current(snap) => Arc::clone(&snap.set),
             _ => {
-                let (v, set) = self.grant.consent.snapshot();
-                self.grant.counters.saw_version(v);
-                self.consent = Some((v, Arc::clone(&set)));
+                let snap = self.grant.consent.snapshot();
+                self.grant.counters.saw_version(snap.version);
+                let set = Arc::clone(&snap.set);
+                self.consent = Some(snap);
                 set
             }
         }
@@ -100,6 +109,7 @@ impl EnforceStream {
                 ColumnAction::Keep => col,
                 ColumnAction::Pseudonymise => self.grant.pseudonymiser.apply(&col)?,
                 ColumnAction::Generalise(g) => generalise(&col, *g)?,
+                ColumnAction::Nullify => arrow::array::new_null_array(col.data_type(), col.len()),
             });
         }
         let out = RecordBatch::try_new_with_options(
@@ -117,19 +127,39 @@ impl Stream for EnforceStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            let polled = self.input.poll_next_unpin(cx);
-            let batch = match polled {
+            if let Some(done) = self.coalescer.next_completed_batch() {
+                return self.baseline.record_poll(Poll::Ready(Some(Ok(done))));
+            }
+            if self.input_done {
+                return self.baseline.record_poll(Poll::Ready(None));
+            }
+            let batch = match self.input.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(b))) => b,
-                other => return self.baseline.record_poll(other),
+                Poll::Ready(Some(Err(e))) => {
+                    // Errors from below the gate can quote raw rows (CSV parse errors print the
+                    // row): log them, send a masked error.
+                    let dataset = self.grant.policy.name.to_string();
+                    tracing::error!(%dataset, error = %e, "source failed below the gate");
+                    return Poll::Ready(Some(Err(crate::error::Error::SourceRead { dataset }.into())));
+                }
+                Poll::Ready(None) => {
+                    self.input_done = true;
+                    if let Err(e) = self.coalescer.finish_buffered_batch() {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    continue;
+                }
+                Poll::Pending => return Poll::Pending,
             };
             let elapsed = self.baseline.elapsed_compute().clone();
             let timer = elapsed.timer();
-            let result = self.enforce(&batch);
+            let result = self.enforce(&batch).and_then(|out| match out {
+                Some(out) => self.coalescer.push_batch(out).map_err(Into::into),
+                None => Ok(()),
+            });
             timer.done();
-            match result {
-                Ok(None) => continue,
-                Ok(Some(out)) => return self.baseline.record_poll(Poll::Ready(Some(Ok(out)))),
-                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            if let Err(e) = result {
+                return Poll::Ready(Some(Err(e.into())));
             }
         }
     }

@@ -1,0 +1,138 @@
+//! Consent files: CSV (`subject_id,purpose,status,timestamp[,expires_at]`) and JSON Lines (one
+//! object per line with the same fields). Errors name the line; nothing is imported unless every
+//! line parses.
+
+use passerelle_policies::consent::ConsentEvent;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+const HINT: &str =
+    "CSV header: subject_id,purpose,status,timestamp[,expires_at]; status granted|withdrawn; RFC 3339 times";
+
+/// Parses consent CSV.
+pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
+    let mut lines = text.lines().enumerate();
+    let with_expiry = match lines.next().map(|(_, h)| h.trim().trim_start_matches('\u{feff}')) {
+        Some("subject_id,purpose,status,timestamp") => false,
+        Some("subject_id,purpose,status,timestamp,expires_at") => true,
+        _ => {
+            return Err(Error::invalid(
+                "consent CSV must start with the header `subject_id,purpose,status,timestamp` (optionally `,expires_at`)",
+                HINT,
+            ));
+        }
+    };
+    let want = if with_expiry { 5 } else { 4 };
+    let mut events = Vec::new();
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != want {
+            return Err(Error::invalid(
+                format!("line {}: expected {want} fields, found {}", i + 1, f.len()),
+                HINT,
+            ));
+        }
+        let expiry = if with_expiry { Some(f[4]) } else { None };
+        events.push(
+            ConsentEvent::parse_with_expiry(f[0], f[1], f[2], f[3], expiry)
+                .map_err(|e| Error::invalid(format!("line {}: {e}", i + 1), HINT))?,
+        );
+    }
+    Ok(events)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonEvent {
+    subject_id: serde_json::Value,
+    purpose: String,
+    status: String,
+    timestamp: String,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+/// Parses one JSON consent event (a string or integer `subject_id`).
+pub fn parse_json_value(v: serde_json::Value) -> std::result::Result<ConsentEvent, String> {
+    let e: JsonEvent = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let subject = match &e.subject_id {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+        _ => return Err("subject_id must be a string or an integer".into()),
+    };
+    ConsentEvent::parse_with_expiry(&subject, &e.purpose, &e.status, &e.timestamp, e.expires_at.as_deref())
+        .map_err(|e| e.to_string())
+}
+
+/// Parses JSON Lines.
+pub fn parse_jsonl(text: &str) -> Result<Vec<ConsentEvent>> {
+    let mut events = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::invalid(format!("line {}: not JSON: {e}", i + 1), "one JSON object per line"))?;
+        events.push(parse_json_value(v).map_err(|e| Error::invalid(format!("line {}: {e}", i + 1), HINT))?);
+    }
+    Ok(events)
+}
+
+/// Parses a file by its extension: `.jsonl`/`.ndjson`/`.json` as JSON Lines, anything else as CSV.
+pub fn parse_file(path: &std::path::Path, text: &str) -> Result<Vec<ConsentEvent>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl" | "ndjson" | "json") => parse_jsonl(text),
+        _ => parse_csv(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_with_and_without_expiry() {
+        let a = parse_csv("subject_id,purpose,status,timestamp\n1,research,granted,2024-01-01T00:00:00Z\n\n").unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].expires_at_micros, None);
+        let b = parse_csv(
+            "subject_id,purpose,status,timestamp,expires_at\n1,research,granted,2024-01-01T00:00:00Z,2025-01-01T00:00:00Z\n2,research,granted,2024-01-01T00:00:00Z,\n",
+        )
+        .unwrap();
+        assert!(b[0].expires_at_micros.is_some() && b[1].expires_at_micros.is_none());
+        for (bad, needle) in [
+            ("subject_id,purpose\n", "header"),
+            (
+                "subject_id,purpose,status,timestamp\n1,research,maybe,2024-01-01T00:00:00Z\n",
+                "line 2",
+            ),
+            ("subject_id,purpose,status,timestamp\n1,research,granted\n", "line 2"),
+            (
+                "subject_id,purpose,status,timestamp,expires_at\n1,research,granted,2024-01-01T00:00:00Z,2023-01-01T00:00:00Z\n",
+                "not after",
+            ),
+        ] {
+            let err = parse_csv(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn jsonl_lines_and_errors() {
+        let ok = parse_jsonl(
+            "{\"subject_id\": 7, \"purpose\": \"research\", \"status\": \"granted\", \"timestamp\": \"2024-01-01T00:00:00Z\"}\n\n{\"subject_id\": \"x\", \"purpose\": \"research\", \"status\": \"withdrawn\", \"timestamp\": \"2024-01-02T00:00:00Z\", \"expires_at\": null}\n",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].subject_id, "7");
+        let err = parse_jsonl("{\"subject_id\": 1.5, \"purpose\": \"r\", \"status\": \"granted\", \"timestamp\": \"2024-01-01T00:00:00Z\"}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1"), "{err}");
+        assert!(parse_jsonl("{\"subject_id\": 1, \"extra\": 1}").is_err());
+    }
+}
