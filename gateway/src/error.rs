@@ -163,6 +163,31 @@ impl Error {
             Error::DatasetNotFound { .. } => "list the datasets you may use with ListFlights or GET /api/v1/datasets",
             Error::InvalidArgument { hint, .. } => hint,
             Error::PermissionDenied { .. } => "ask the dataset's steward for a permit covering this purpose",
+            Error::Policy(p) => match p {
+                passerelle_policies::Error::InvalidPurpose { .. } => {
+                    "purposes are slash-separated lowercase paths, e.g. research/ai-training"
+                }
+                passerelle_policies::Error::InvalidConsentEvent { .. } => {
+                    "events have subject_id, purpose, status (granted|withdrawn) and an RFC 3339 timestamp"
+                }
+                passerelle_policies::Error::InvalidManifest { .. }
+                | passerelle_policies::Error::InvalidGeneralisation { .. } => {
+                    "fix the manifest as the message says and register it again"
+                }
+                passerelle_policies::Error::InvalidPolicyLine { .. } => {
+                    "policy lines are `p, sub, dom, obj, act, expiry, allow|deny`"
+                }
+                passerelle_policies::Error::AccessDenied { .. } => {
+                    "ask the dataset's steward for a permit covering this purpose"
+                }
+                _ => "check the request against the README",
+            },
+            Error::Connector(_) => "check the location, its format and that the node can read it",
+            Error::AlreadyExists { .. } => "choose another name",
+            Error::RegistryNotFound { .. } => "post consent to a registry your organisation owns",
+            Error::NoSuchEndpoint => "see the README for the REST API",
+            Error::PolicyRefused { .. } => "fix the policy file at the line named; the previous policy stays in force",
+            Error::SourceUnavailable { .. } => "retry later; the operator can see the cause in the server log",
             _ => "",
         }
     }
