@@ -16,6 +16,7 @@ use arrow::array::{ArrayRef, AsArray, DictionaryArray, Int64Array, RecordBatch, 
 use arrow::datatypes::{DataType, Field, Int16Type, Int64Type, Schema};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
+use passerelle_policies::consent::index::KeyKind;
 use passerelle_policies::consent::{ConsentEvent, ConsentIndex, ConsentStatus};
 use passerelle_policies::enforce::{Grant, GuardedTable, Pseudonymiser};
 use passerelle_policies::{
@@ -192,7 +193,27 @@ fn run(case: &Case) -> Vec<RecordBatch> {
                 expires_at_micros: None,
             })
             .collect();
-        index.apply(events.iter().enumerate().map(|(i, e)| (i as u64 + 1, "reg", e)));
+        // Compile the request's set half-way, so the second half is applied by patching the
+        // compiled set in place (the withdrawal fast path), not by a fresh compile.
+        let half = events.len() / 2;
+        index.apply(events[..half].iter().enumerate().map(|(i, e)| (i as u64 + 1, "reg", e)));
+        let kind = if matches!(case.kind, Kind::Int) {
+            KeyKind::Int
+        } else {
+            KeyKind::Str
+        };
+        let _warm = index.subject_set(
+            "reg",
+            &Purpose::parse(PURPOSES[case.purpose]).unwrap(),
+            case.basis,
+            kind,
+        );
+        index.apply(
+            events[half..]
+                .iter()
+                .enumerate()
+                .map(|(i, e)| ((half + i) as u64 + 1, "reg", e)),
+        );
         let mut policy = policy(case.kind);
         policy.legal_basis = case.basis;
         let (schema, data) = batches(case);

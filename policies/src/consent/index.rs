@@ -138,6 +138,60 @@ struct Registry {
     compiled: HashMap<(Purpose, LegalBasis, KeyKind), ConsentSnapshot>,
 }
 
+impl Registry {
+    /// Keeps compiled sets current after one event, changing only the subject's membership, so
+    /// a withdrawal costs microseconds however many subjects the registry holds. Sets that cannot
+    /// be patched in place are dropped and recompiled on next use.
+    fn patch_compiled(&mut self, event_purpose: &Purpose, key: &SubjectKey, seq: u64, now: i64) {
+        let Registry {
+            by_purpose, compiled, ..
+        } = self;
+        let mut stale = Vec::new();
+        for (k, snap) in compiled.iter_mut() {
+            let (purpose, basis, kind) = k;
+            snap.version = seq;
+            if !event_purpose.covers(purpose) {
+                continue;
+            }
+            let maps: Vec<&PurposeMap> = purpose
+                .self_and_ancestors()
+                .iter()
+                .filter_map(|p| by_purpose.get(p))
+                .collect();
+            // Integer sets merge spellings ("042" = 42): only canonical ids with no other
+            // spellings around can be patched exactly.
+            if *kind == KeyKind::Int && (matches!(key, SubjectKey::Str(_)) || maps.iter().any(|m| !m.strs.is_empty())) {
+                if matches!(key, SubjectKey::Str(s) if s.trim().parse::<i64>().is_err()) {
+                    continue; // not an integer: cannot match an integer column
+                }
+                stale.push(k.clone());
+                continue;
+            }
+            let latest = maps.iter().filter_map(|m| m.get(key)).max_by_key(|(r, _)| *r);
+            let member = match latest {
+                None => false,
+                Some((r, expires)) => {
+                    let granted = rank_granted(r) && expires > now;
+                    if granted && expires != i64::MAX {
+                        snap.valid_until = snap.valid_until.min(expires);
+                    }
+                    if *basis == LegalBasis::Consent {
+                        granted
+                    } else {
+                        !rank_granted(r)
+                    }
+                }
+            };
+            if !Arc::make_mut(&mut snap.set).set_member(key, member) {
+                stale.push(k.clone());
+            }
+        }
+        for k in stale {
+            compiled.remove(&k);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     applied_seq: u64,
@@ -158,7 +212,7 @@ impl Default for ConsentIndex {
 }
 
 /// Integer subject ids: a bitmap when the ids are dense, a hash set otherwise.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum IntSet {
     /// Bit `id - min` is set for members: one load and a shift per probe.
     Dense {
@@ -175,7 +229,7 @@ pub enum IntSet {
 
 /// The subjects a compiled rule matches. Under `consent` they are the subjects whose rows are
 /// kept; under `public-interest` they are the subjects who objected (rows dropped).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum SubjectSet {
     /// For integer subject columns.
     Ints(IntSet),
@@ -225,6 +279,51 @@ impl SubjectSet {
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Makes one subject a member or not. Returns false when the set cannot take the change in
+    /// place (an id outside a dense bitmap's range; a key of the wrong kind): recompile then.
+    fn set_member(&mut self, key: &SubjectKey, member: bool) -> bool {
+        match (self, key) {
+            (SubjectSet::Ints(IntSet::Dense { min, bits, len }), SubjectKey::Int(id)) => {
+                let in_range = *id >= *min && (id.wrapping_sub(*min) as u64) < (bits.len() as u64) * 64;
+                if !in_range {
+                    return !member;
+                }
+                let off = id.wrapping_sub(*min) as usize;
+                let (word, bit) = (off >> 6, 1u64 << (off & 63));
+                let was = bits[word] & bit != 0;
+                if member && !was {
+                    bits[word] |= bit;
+                    *len += 1;
+                } else if !member && was {
+                    bits[word] &= !bit;
+                    *len -= 1;
+                }
+                true
+            }
+            (SubjectSet::Ints(IntSet::Sparse(s)), SubjectKey::Int(id)) => {
+                if member {
+                    s.insert(*id);
+                } else {
+                    s.remove(id);
+                }
+                true
+            }
+            (SubjectSet::Strs(s), key) => {
+                let text: Box<str> = match key {
+                    SubjectKey::Int(i) => Box::from(itoa::Buffer::new().format(*i)),
+                    SubjectKey::Str(t) => t.clone(),
+                };
+                if member {
+                    s.insert(text);
+                } else {
+                    s.remove(&text);
+                }
+                true
+            }
+            (SubjectSet::Ints(_), SubjectKey::Str(_)) => false,
+        }
     }
 
     /// Approximate heap bytes held.
@@ -306,15 +405,16 @@ impl ConsentIndex {
                 continue;
             }
             inner.applied_seq = seq;
+            let now = self.clock.now_micros();
             let reg = inner.registries.entry(registry.to_string()).or_default();
             reg.version = seq;
-            reg.compiled.clear();
             let r = rank(ev.at_micros, ev.status == ConsentStatus::Granted);
-            reg.by_purpose.entry(ev.purpose.clone()).or_default().apply(
-                SubjectKey::of(&ev.subject_id),
-                r,
-                ev.expires_at_micros,
-            );
+            let key = SubjectKey::of(&ev.subject_id);
+            reg.by_purpose
+                .entry(ev.purpose.clone())
+                .or_default()
+                .apply(key.clone(), r, ev.expires_at_micros);
+            reg.patch_compiled(&ev.purpose, &key, seq, now);
         }
     }
 
@@ -625,6 +725,52 @@ mod tests {
                 .set
                 .contains_str("000042")
         );
+    }
+
+    #[test]
+    fn patched_sets_equal_recompiled_ones() {
+        let idx = ConsentIndex::new();
+        let grants: Vec<ConsentEvent> = (0..200).map(|s| ev(&s.to_string(), "a", "granted", 1)).collect();
+        idx.apply(grants.iter().enumerate().map(|(i, e)| (i as u64 + 1, "r", e)));
+        let p = Purpose::parse("a/b").unwrap();
+        let kinds = [
+            (LegalBasis::Consent, KeyKind::Int),
+            (LegalBasis::Consent, KeyKind::Str),
+            (LegalBasis::PublicInterest, KeyKind::Int),
+        ];
+        let held: Vec<_> = kinds.iter().map(|(b, k)| idx.subject_set("r", &p, *b, *k)).collect();
+        // Withdraw some at the parent, some at the child, re-grant one, and add a new far id.
+        let later = [
+            ev("3", "a", "withdrawn", 2),
+            ev("4", "a/b", "withdrawn", 2),
+            ev("3", "a/b", "granted", 3),
+            ev("100000", "a", "granted", 2),
+            ev("5", "a/c", "withdrawn", 2),
+        ];
+        idx.apply(later.iter().enumerate().map(|(i, e)| (1000 + i as u64, "r", e)));
+        let fresh = ConsentIndex::new();
+        fresh.apply(
+            grants
+                .iter()
+                .chain(later.iter())
+                .enumerate()
+                .map(|(i, e)| (i as u64 + 1, "r", e)),
+        );
+        for ((b, k), old) in kinds.iter().zip(held) {
+            let patched = idx.subject_set("r", &p, *b, *k);
+            let recompiled = fresh.subject_set("r", &p, *b, *k);
+            assert_eq!(patched.version, 1004);
+            for s in (0..210).chain([100000]) {
+                assert_eq!(
+                    patched.set.contains_i64(s),
+                    recompiled.set.contains_i64(s),
+                    "{b:?} {k:?} subject {s}"
+                );
+            }
+            assert_eq!(patched.set.len(), recompiled.set.len());
+            // Streams holding the old snapshot keep it unchanged until they re-read.
+            assert_eq!(old.set.contains_i64(4), *b == LegalBasis::Consent);
+        }
     }
 
     #[test]
