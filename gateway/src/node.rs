@@ -78,8 +78,6 @@ pub struct Node {
     /// How long tickets live.
     pub ticket_ttl: Duration,
     pseudonym_master: Vec<u8>,
-    /// One pseudonymiser per recipient organisation, so their caches outlive a request.
-    pseudonymisers: std::sync::Mutex<HashMap<String, Pseudonymiser>>,
     snapshot: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
     /// One refresh at a time, so a slow refresh cannot put back an older snapshot.
@@ -246,7 +244,6 @@ impl Node {
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             pseudonym_master,
-            pseudonymisers: std::sync::Mutex::new(HashMap::new()),
             snapshot: RwLock::new(Arc::new(empty)),
             changed,
             refreshing: tokio::sync::Mutex::new(()),
@@ -385,12 +382,9 @@ impl Node {
         Ok(principal.clone())
     }
 
-    /// The keyed pseudonymiser for a recipient organisation (shared, with its cache).
+    /// The keyed pseudonymiser for a recipient organisation.
     pub fn pseudonymiser(&self, org: &str) -> Pseudonymiser {
-        let mut all = self.pseudonymisers.lock().unwrap_or_else(|e| e.into_inner());
-        all.entry(org.to_string())
-            .or_insert_with(|| Pseudonymiser::for_recipient(&self.pseudonym_master, org))
-            .clone()
+        Pseudonymiser::for_recipient(&self.pseudonym_master, org)
     }
 
     /// Adds a principal and returns its new API key (shown once, stored hashed).

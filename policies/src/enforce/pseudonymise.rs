@@ -7,10 +7,7 @@
 //! unrelated ones (so they cannot join on them). Integers are canonicalised to their decimal
 //! text, so an id stored as `123` in one dataset and `"123"` in another pseudonymises equally.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-
-use ahash::RandomState;
 
 use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
 use arrow::datatypes::{DataType, Int32Type, Int64Type};
@@ -38,14 +35,7 @@ pub fn is_pseudonymisable(dt: &DataType) -> bool {
 pub struct Pseudonymiser {
     keyed: HmacSha256,
     key_version: u8,
-    /// Pseudonyms of integer ids already computed for this recipient, shared by every stream of
-    /// the recipient: training jobs pull the same subjects epoch after epoch, and HMAC-SHA256 is
-    /// the gate's most expensive step. Bounded by [`CACHE_CAPACITY`].
-    cache: Arc<std::sync::RwLock<HashMap<i64, [u8; PSEUDONYM_BYTES * 2], RandomState>>>,
 }
-
-/// Most integer ids whose pseudonyms one recipient's cache holds (~50 bytes each).
-pub const CACHE_CAPACITY: usize = 4_000_000;
 
 impl std::fmt::Debug for Pseudonymiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,7 +59,6 @@ impl Pseudonymiser {
         Self {
             keyed: HmacSha256::new_from_slice(&k_org).unwrap_or_else(|_| keyed_zero()),
             key_version,
-            cache: Arc::default(),
         }
     }
 
@@ -86,38 +75,6 @@ impl Pseudonymiser {
         }
     }
 
-    /// Integer ids through the recipient's cache: computed ones are inserted after the batch.
-    fn apply_i64(&self, col: &arrow::array::Int64Array) -> ArrayRef {
-        let mut out = StringBuilder::with_capacity(col.len(), col.len() * PSEUDONYM_BYTES * 2);
-        let mut fresh: Vec<(i64, [u8; PSEUDONYM_BYTES * 2])> = Vec::new();
-        {
-            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
-            let mut buf = itoa::Buffer::new();
-            for v in col {
-                let Some(v) = v else {
-                    out.append_null();
-                    continue;
-                };
-                let hex = match cache.get(&v) {
-                    Some(h) => *h,
-                    None => {
-                        let mut h = [0u8; PSEUDONYM_BYTES * 2];
-                        self.one(buf.format(v).as_bytes(), &mut h);
-                        fresh.push((v, h));
-                        h
-                    }
-                };
-                out.append_value(std::str::from_utf8(&hex).unwrap_or_default());
-            }
-        }
-        if !fresh.is_empty() {
-            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-            let room = CACHE_CAPACITY.saturating_sub(cache.len());
-            cache.extend(fresh.into_iter().take(room));
-        }
-        Arc::new(out.finish())
-    }
-
     /// Pseudonymises a column into a Utf8 column of 32-character hex strings; nulls stay null.
     pub fn apply(&self, col: &ArrayRef) -> Result<ArrayRef> {
         let mut out = StringBuilder::with_capacity(col.len(), col.len() * PSEUDONYM_BYTES * 2);
@@ -130,7 +87,12 @@ impl Pseudonymiser {
             }
         };
         match col.data_type() {
-            DataType::Int64 => return Ok(self.apply_i64(col.as_primitive::<Int64Type>())),
+            DataType::Int64 => {
+                let mut buf = itoa::Buffer::new();
+                for v in col.as_primitive::<Int64Type>() {
+                    push(v.map(|v| buf.format(v).as_bytes()), &mut out);
+                }
+            }
             DataType::Int32 => {
                 let mut buf = itoa::Buffer::new();
                 for v in col.as_primitive::<Int32Type>() {
