@@ -47,6 +47,14 @@ fn caller(node: &Node, headers: &HeaderMap) -> Result<Principal> {
     node.authenticate(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
 }
 
+/// The caller, who must be the steward of `name`'s controller (or an admin), and the dataset.
+fn steward_of_dataset(node: &Node, headers: &HeaderMap, name: &str) -> Result<(Principal, Arc<Manifest>)> {
+    let who = caller(node, headers)?;
+    let m = node.snapshot().visible_dataset(&who, name)?;
+    node.require_steward_of(&who, &m.controller)?;
+    Ok((who, m))
+}
+
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes, hint: &'static str) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::invalid(format!("request body is not valid: {e}"), hint))
 }
@@ -121,9 +129,7 @@ async fn add_permit(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let who = caller(&node, &headers)?;
-    let m = node.snapshot().visible_dataset(&who, &name)?;
-    node.require_steward_of(&who, &m.controller)?;
+    let (_, m) = steward_of_dataset(&node, &headers, &name)?;
     let b: PermitBody = parse_json(
         &body,
         "send {\"org\": \"...\", \"purpose\": \"...\", \"expires\": \"RFC 3339, optional\"}",
@@ -253,9 +259,7 @@ async fn add_rule(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>)> {
-    let who = caller(&node, &headers)?;
-    let m = node.snapshot().visible_dataset(&who, &name)?;
-    node.require_steward_of(&who, &m.controller)?;
+    let (who, _) = steward_of_dataset(&node, &headers, &name)?;
     let b: RuleBody = parse_json(
         &body,
         "send {\"effect\": \"deny\", \"purpose\": \"...\", \"domain\": \"*|DE/*|org\"}",

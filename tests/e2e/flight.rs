@@ -1,9 +1,6 @@
 //! Plain Flight: the governed stream against the reference model, and every error status.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-
-use arrow::array::{ArrayRef, AsArray, Int64Array};
+use arrow::array::AsArray;
 use arrow::datatypes::{DataType, Date32Type, Int64Type, TimestampMicrosecondType};
 use arrow_flight::{FlightDescriptor, Ticket};
 use futures::TryStreamExt;
@@ -11,7 +8,7 @@ use passerelle_tests::{TestGateway, command, pull, status_code};
 use serde_json::json;
 use tonic::Code;
 
-use crate::reference::{consented, fingerprint, raw_batches};
+use crate::reference::{consented, fingerprint, pseudonyms, raw_batches};
 
 const AI: &str = "research/ai-training";
 
@@ -48,15 +45,7 @@ async fn governed_stream_equals_reference_model() {
     );
 
     // Pseudonyms: the keyed HMAC for dkfz of exactly the consented subjects' ids.
-    let pseudo = gw.node.pseudonymiser("dkfz");
-    let ids: ArrayRef = Arc::new(Int64Array::from(keep.iter().copied().collect::<Vec<_>>()));
-    let allowed: HashSet<String> = pseudo
-        .apply(&ids)
-        .unwrap()
-        .as_string::<i32>()
-        .iter()
-        .map(|s| s.unwrap().to_string())
-        .collect();
+    let allowed = pseudonyms(&gw.node, "dkfz", keep.iter().copied());
     for b in &got {
         for p in b.column(0).as_string::<i32>().iter() {
             assert!(allowed.contains(p.unwrap()));
@@ -75,12 +64,7 @@ async fn governed_stream_equals_reference_model() {
     }
 
     // Another organisation sees unrelated pseudonyms.
-    let other = gw.node.pseudonymiser("gemelli").apply(&ids).unwrap();
-    let other: HashSet<String> = other
-        .as_string::<i32>()
-        .iter()
-        .map(|s| s.unwrap().to_string())
-        .collect();
+    let other = pseudonyms(&gw.node, "gemelli", keep.iter().copied());
     assert!(allowed.is_disjoint(&other));
     gw.shutdown_and_wait().await.unwrap();
 }

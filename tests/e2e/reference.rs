@@ -9,6 +9,13 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+/// The pseudonyms organisation `org` receives for `ids`.
+pub fn pseudonyms(node: &passerelle::node::Node, org: &str, ids: impl IntoIterator<Item = i64>) -> HashSet<String> {
+    let ids: arrow::array::ArrayRef = std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(ids));
+    let out = node.pseudonymiser(org).apply(&ids).unwrap();
+    out.as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect()
+}
+
 /// Raw demo rows.
 pub fn raw_batches(data_dir: &Path) -> Vec<RecordBatch> {
     let f = File::open(data_dir.join("demo/patients/patients.parquet")).unwrap();

@@ -2,15 +2,14 @@
 //! next batch boundaries.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, Int64Array};
+use arrow::array::AsArray;
 use arrow_flight::FlightDescriptor;
 use futures::StreamExt;
 use passerelle_policies::consent::ConsentEvent;
 use passerelle_tests::TestGateway;
 
-use crate::reference::{consented, raw_batches};
+use crate::reference::{consented, pseudonyms, raw_batches};
 
 const AI: &str = "research/ai-training";
 
@@ -20,15 +19,7 @@ async fn withdrawal_reaches_an_open_stream() {
     let keep = consented(gw.data_dir(), AI, &[]);
     // Withdraw a tenth of the consenting subjects while a stream is open.
     let withdrawn: Vec<i64> = keep.iter().copied().filter(|s| s % 10 == 0).collect();
-    let pseudo = gw.node.pseudonymiser("dkfz");
-    let ids: ArrayRef = Arc::new(Int64Array::from(withdrawn.clone()));
-    let withdrawn_p: HashSet<String> = pseudo
-        .apply(&ids)
-        .unwrap()
-        .as_string::<i32>()
-        .iter()
-        .map(|s| s.unwrap().to_string())
-        .collect();
+    let withdrawn_p = pseudonyms(&gw.node, "dkfz", withdrawn.iter().copied());
 
     let mut c = gw.client(Some(&gw.key("trainer-de")), Some(AI)).await.unwrap();
     let info = c

@@ -172,53 +172,38 @@ fn prefix(col: &ArrayRef, n: usize) -> Result<ArrayRef> {
 }
 
 fn bucket(col: &ArrayRef, n: u32) -> Result<ArrayRef> {
-    macro_rules! int {
-        ($t:ty, $native:ty) => {{
-            let width = <$native>::try_from(n).unwrap_or(<$native>::MAX);
-            let out: PrimitiveArray<$t> = col
-                .as_primitive::<$t>()
-                .unary(|v| v.div_euclid(width).saturating_mul(width));
-            Arc::new(out) as ArrayRef
-        }};
-    }
-    macro_rules! float {
-        ($t:ty, $native:ty) => {{
-            let width = n as $native;
-            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| (v / width).floor() * width);
-            Arc::new(out) as ArrayRef
-        }};
-    }
-    Ok(match col.data_type() {
-        DataType::Int8 => int!(Int8Type, i8),
-        DataType::Int16 => int!(Int16Type, i16),
-        DataType::Int32 => int!(Int32Type, i32),
-        DataType::Int64 => int!(Int64Type, i64),
-        DataType::UInt8 => int!(UInt8Type, u8),
-        DataType::UInt16 => int!(UInt16Type, u16),
-        DataType::UInt32 => int!(UInt32Type, u32),
-        DataType::UInt64 => int!(UInt64Type, u64),
-        DataType::Float32 => float!(Float32Type, f32),
-        DataType::Float64 => float!(Float64Type, f64),
-        other => {
-            return Err(Error::Unsupported {
-                what: format!("bucketing of type {other}"),
-            });
-        }
-    })
+    let width = i128::from(n);
+    numeric_map(
+        col,
+        "bucketing",
+        |v| v.div_euclid(width) * width,
+        |v| (v / f64::from(n)).floor() * f64::from(n),
+    )
 }
 
 fn top_code(col: &ArrayRef, cap: i64) -> Result<ArrayRef> {
+    numeric_map(
+        col,
+        "top-coding",
+        |v| v.min(i128::from(cap)),
+        |v| if v > cap as f64 { cap as f64 } else { v },
+    )
+}
+
+/// Applies a rule to any integer or float column, keeping its type. Integer rules run in i128
+/// and saturate back into the column's type, so no rule can overflow.
+fn numeric_map(
+    col: &ArrayRef,
+    what: &str,
+    int_rule: impl Fn(i128) -> i128,
+    float_rule: impl Fn(f64) -> f64,
+) -> Result<ArrayRef> {
     macro_rules! int {
         ($t:ty, $native:ty) => {{
-            let c = <$native>::try_from(cap).unwrap_or(if cap < 0 { <$native>::MIN } else { <$native>::MAX });
-            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| v.min(c));
-            Arc::new(out) as ArrayRef
-        }};
-    }
-    macro_rules! float {
-        ($t:ty, $native:ty) => {{
-            let c = cap as $native;
-            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| if v > c { c } else { v });
+            let out: PrimitiveArray<$t> = col.as_primitive::<$t>().unary(|v| {
+                let r = int_rule(i128::from(v));
+                <$native>::try_from(r).unwrap_or(if r < 0 { <$native>::MIN } else { <$native>::MAX })
+            });
             Arc::new(out) as ArrayRef
         }};
     }
@@ -231,11 +216,19 @@ fn top_code(col: &ArrayRef, cap: i64) -> Result<ArrayRef> {
         DataType::UInt16 => int!(UInt16Type, u16),
         DataType::UInt32 => int!(UInt32Type, u32),
         DataType::UInt64 => int!(UInt64Type, u64),
-        DataType::Float32 => float!(Float32Type, f32),
-        DataType::Float64 => float!(Float64Type, f64),
+        DataType::Float32 => {
+            let out: PrimitiveArray<Float32Type> = col
+                .as_primitive::<Float32Type>()
+                .unary(|v| float_rule(f64::from(v)) as f32);
+            Arc::new(out)
+        }
+        DataType::Float64 => {
+            let out: PrimitiveArray<Float64Type> = col.as_primitive::<Float64Type>().unary(&float_rule);
+            Arc::new(out)
+        }
         other => {
             return Err(Error::Unsupported {
-                what: format!("top-coding of type {other}"),
+                what: format!("{what} of type {other}"),
             });
         }
     })
