@@ -57,9 +57,19 @@ pub enum Command {
     /// Inspect and change access policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Manage the node's keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+}
+
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Replace the pseudonym master key; new pseudonyms carry the next version byte.
+    RotatePseudonym,
 }
 
 /// `policy` subcommands.
@@ -339,6 +349,12 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(_) | Command::Config(_) => bail!("not an admin command"),
         Command::Policy(cmd) => run_policy(cli, &node, cmd).await?,
+        Command::Keys(KeysCmd::RotatePseudonym) => {
+            let v = crate::node::rotate_pseudonym_key(&cli.data_dir)?;
+            print(j, json!({ "pseudonym_key_version": v }), || {
+                format!("pseudonym key rotated to version {v}; restart running servers to use it")
+            });
+        }
         Command::Principal(PrincipalCmd::Add {
             name,
             org,

@@ -78,6 +78,8 @@ pub struct Node {
     /// How long tickets live.
     pub ticket_ttl: Duration,
     pseudonym_master: Vec<u8>,
+    /// Version of `pseudonym_master`, the first byte of every pseudonym.
+    pseudonym_version: u8,
     snapshot: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
     /// One refresh at a time, so a slow refresh cannot put back an older snapshot.
@@ -209,6 +211,53 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
     Ok(secret.to_vec())
 }
 
+/// The current pseudonym key version (1 until the first rotation).
+fn pseudonym_key_version(data_dir: &Path) -> Result<u8> {
+    let path = data_dir.join("pseudonym.version");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| Error::Internal(format!("`{}` does not hold a key version (1-255)", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(1),
+        Err(source) => Err(Error::Io {
+            op: "read",
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Rotates the pseudonym master key: the old key is kept as `pseudonym.key.v<N>` and a new one
+/// with version N+1 is made. New pseudonyms start with the new version byte, so recipients can
+/// tell old from new. Servers pick the new key up when restarted. Returns the new version.
+pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
+    let current = pseudonym_key_version(data_dir)?;
+    let next = current.checked_add(1).ok_or_else(|| {
+        Error::invalid(
+            "pseudonym key version 255 reached",
+            "archive the data directory's keys and start a new series",
+        )
+    })?;
+    let key = data_dir.join("pseudonym.key");
+    let io = |op: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| Error::Io { op, path, source }
+    };
+    let archived = data_dir.join(format!("pseudonym.key.v{current}"));
+    if key.exists() {
+        std::fs::rename(&key, &archived).map_err(io("archive key", &key))?;
+    }
+    load_or_create_secret(&key)?;
+    let version_file = data_dir.join("pseudonym.version");
+    let tmp = data_dir.join("pseudonym.version.tmp");
+    std::fs::write(&tmp, format!("{next}\n")).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, &version_file).map_err(io("install", &version_file))?;
+    Ok(next)
+}
+
 impl Node {
     /// Opens the node's stores in `data_dir` (creating them on first use) with the built-in
     /// policy. Does not load consent into memory: [`Node::refresh`] does, for servers.
@@ -224,6 +273,7 @@ impl Node {
         let audit = AuditLog::open(pool).await?;
         let tickets = TicketSigner::new(load_or_create_secret(&data_dir.join("ticket.key"))?);
         let pseudonym_master = load_or_create_secret(&data_dir.join("pseudonym.key"))?;
+        let pseudonym_version = pseudonym_key_version(data_dir)?;
         let authorizer = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], Vec::new(), &[]).await?;
         let empty = Snapshot {
             meta_version: u64::MAX,
@@ -244,6 +294,7 @@ impl Node {
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             pseudonym_master,
+            pseudonym_version,
             snapshot: RwLock::new(Arc::new(empty)),
             changed,
             refreshing: tokio::sync::Mutex::new(()),
@@ -384,7 +435,7 @@ impl Node {
 
     /// The keyed pseudonymiser for a recipient organisation.
     pub fn pseudonymiser(&self, org: &str) -> Pseudonymiser {
-        Pseudonymiser::for_recipient(&self.pseudonym_master, org)
+        Pseudonymiser::for_recipient_versioned(&self.pseudonym_master, self.pseudonym_version, org)
     }
 
     /// Adds a principal and returns its new API key (shown once, stored hashed).
@@ -510,5 +561,34 @@ impl Node {
                 ),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rotation_changes_key_and_version_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: arrow::array::ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![42]));
+        let p1 = Node::open(dir.path())
+            .await
+            .unwrap()
+            .pseudonymiser("dkfz")
+            .apply(&ids)
+            .unwrap();
+        assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 2);
+        assert!(dir.path().join("pseudonym.key.v1").exists());
+        let p2 = Node::open(dir.path())
+            .await
+            .unwrap()
+            .pseudonymiser("dkfz")
+            .apply(&ids)
+            .unwrap();
+        use arrow::array::AsArray;
+        let (a, b) = (p1.as_string::<i32>().value(0), p2.as_string::<i32>().value(0));
+        assert!(a.starts_with("01") && b.starts_with("02"), "{a} {b}");
+        assert_ne!(a[2..], b[2..]);
     }
 }
