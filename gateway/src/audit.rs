@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS audit (
     dataset         TEXT    NOT NULL,
     columns         TEXT,
     filter          TEXT,
+    statement       TEXT,
     action          TEXT    NOT NULL,
     decision        TEXT    NOT NULL CHECK (decision IN ('allow', 'deny')),
     reason          TEXT    NOT NULL,
@@ -38,7 +39,7 @@ WHEN OLD.status != 'requested'
   OR NEW.id IS NOT OLD.id OR NEW.time IS NOT OLD.time OR NEW.principal IS NOT OLD.principal
   OR NEW.organisation IS NOT OLD.organisation OR NEW.member_state IS NOT OLD.member_state
   OR NEW.purpose IS NOT OLD.purpose OR NEW.dataset IS NOT OLD.dataset OR NEW.columns IS NOT OLD.columns
-  OR NEW.filter IS NOT OLD.filter OR NEW.action IS NOT OLD.action OR NEW.decision IS NOT OLD.decision
+  OR NEW.filter IS NOT OLD.filter OR NEW.statement IS NOT OLD.statement OR NEW.action IS NOT OLD.action OR NEW.decision IS NOT OLD.decision
   OR NEW.reason IS NOT OLD.reason
   OR NEW.consent_version IS NOT OLD.consent_version OR NEW.policy_version IS NOT OLD.policy_version
 BEGIN SELECT RAISE(ABORT, 'audit entries are only updated by their completion'); END;
@@ -55,6 +56,12 @@ pub enum Action {
     GetSchema,
     /// DoGet.
     DoGet,
+    /// Flight SQL: GetFlightInfo of a statement or prepared statement.
+    SqlQuery,
+    /// Flight SQL: CreatePreparedStatement.
+    SqlPrepare,
+    /// Flight SQL: catalog, schema and table listings.
+    SqlMetadata,
 }
 
 impl Action {
@@ -64,6 +71,9 @@ impl Action {
             Action::GetFlightInfo => "get_flight_info",
             Action::GetSchema => "get_schema",
             Action::DoGet => "do_get",
+            Action::SqlQuery => "sql_query",
+            Action::SqlPrepare => "sql_prepare",
+            Action::SqlMetadata => "sql_metadata",
         }
     }
 }
@@ -85,6 +95,8 @@ pub struct AuditEntry {
     pub columns: Option<Vec<String>>,
     /// User filter, if any.
     pub filter: Option<String>,
+    /// SQL text, for Flight SQL requests.
+    pub statement: Option<String>,
     /// What was attempted.
     pub action: Action,
     /// Allowed or not.
@@ -109,6 +121,7 @@ pub struct AuditRecord {
     pub dataset: String,
     pub columns: Option<Vec<String>>,
     pub filter: Option<String>,
+    pub statement: Option<String>,
     pub action: String,
     pub decision: String,
     pub reason: String,
@@ -163,6 +176,30 @@ impl AuditLog {
             .execute(&pool)
             .await
             .map_err(Error::store("create audit table"))?;
+        // Logs written before Flight SQL existed lack `statement`: add it and re-create the
+        // completion guard so that it covers the new column too.
+        let has_statement: bool =
+            sqlx::query_scalar("SELECT count(*) > 0 FROM pragma_table_info('audit') WHERE name = 'statement'")
+                .fetch_one(&pool)
+                .await
+                .map_err(Error::store("inspect audit table"))?;
+        if !has_statement {
+            let mut tx = pool.begin().await.map_err(Error::store("migrate audit table"))?;
+            for sql in [
+                "ALTER TABLE audit ADD COLUMN statement TEXT",
+                "DROP TRIGGER IF EXISTS audit_complete_once",
+            ] {
+                sqlx::query(sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::store("migrate audit table"))?;
+            }
+            tx.commit().await.map_err(Error::store("migrate audit table"))?;
+            sqlx::raw_sql(SCHEMA)
+                .execute(&pool)
+                .await
+                .map_err(Error::store("create audit table"))?;
+        }
         Ok(Self { pool })
     }
 
@@ -173,8 +210,8 @@ impl AuditLog {
         let status = if final_entry { "completed" } else { "requested" };
         let completed_at = final_entry.then(now_text);
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO audit (time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, policy_version, status, completed_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO audit (time, principal, organisation, member_state, purpose, dataset, columns, filter, statement, action, decision, reason, consent_version, policy_version, status, completed_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(now_text())
         .bind(&e.principal)
@@ -184,6 +221,7 @@ impl AuditLog {
         .bind(&e.dataset)
         .bind(columns)
         .bind(&e.filter)
+        .bind(&e.statement)
         .bind(e.action.as_str())
         .bind(if e.allow { "allow" } else { "deny" })
         .bind(&e.reason)
@@ -217,10 +255,13 @@ impl AuditLog {
     /// Lists entries, newest first.
     pub async fn list(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, consent_version_last, policy_version, rows_sent, rows_withheld, status, completed_at FROM audit WHERE 1 = 1",
+            "SELECT id, time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, consent_version_last, policy_version, rows_sent, rows_withheld, status, completed_at, statement FROM audit WHERE 1 = 1",
         );
         if let Some(d) = &q.dataset {
-            qb.push(" AND dataset = ").push_bind(d.clone());
+            // SQL entries name every dataset they touched, comma-separated.
+            qb.push(" AND instr(',' || dataset || ',', ',' || ")
+                .push_bind(d.clone())
+                .push(" || ',') > 0");
         }
         if let Some(p) = &q.principal {
             qb.push(" AND principal = ").push_bind(p.clone());
@@ -246,6 +287,7 @@ impl AuditLog {
                     dataset: r.get(6),
                     columns: columns.and_then(|c| serde_json::from_str(&c).ok()),
                     filter: r.get(8),
+                    statement: r.get(19),
                     action: r.get(9),
                     decision: r.get(10),
                     reason: r.get(11),
@@ -283,6 +325,7 @@ mod tests {
             dataset: "d".into(),
             columns: Some(vec!["a".into()]),
             filter: None,
+            statement: None,
             action: Action::DoGet,
             allow: true,
             reason: "ok".into(),

@@ -8,7 +8,7 @@ use chrono::Utc;
 use datafusion::common::DFSchema;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use passerelle_policies::enforce::{EnforceCounters, Grant, GuardedTable};
-use passerelle_policies::{ColumnClass, Principal, Purpose};
+use passerelle_policies::{ColumnClass, DatasetPolicy, Principal, Purpose, Release};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -105,17 +105,90 @@ pub fn guarded_context(tables: Vec<(String, GuardedTable)>) -> Result<SessionCon
     Ok(ctx)
 }
 
-/// Decides and plans a data request. Errors: `DatasetNotFound` (missing or invisible),
-/// `PermissionDenied` (purpose, role, direct identifier), `InvalidArgument` (unknown column,
-/// bad filter).
-pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &DataCommand) -> Result<PlannedQuery> {
+/// A dataset opened through the gate for one caller and purpose.
+#[derive(Debug)]
+pub struct Guarded {
+    /// The table to register.
+    pub table: GuardedTable,
+    /// The dataset's policy.
+    pub policy: Arc<DatasetPolicy>,
+    /// The raw source's schema (to name hidden columns in errors).
+    pub raw_schema: SchemaRef,
+    /// Counters the gate fills while streaming.
+    pub counters: Arc<EnforceCounters>,
+    /// Consent version at planning time.
+    pub consent_version: u64,
+    /// Why access was allowed.
+    pub reason: String,
+}
+
+/// Decides access to one dataset and opens it behind the gate. Errors: `DatasetNotFound`
+/// (missing or invisible), `PermissionDenied`, `SourceUnavailable`.
+pub async fn guard(node: &Node, principal: &Principal, purpose: &Purpose, dataset: &str) -> Result<Guarded> {
     let snap = node.snapshot();
-    let manifest = snap.visible_dataset(principal, &cmd.dataset)?;
+    let manifest = snap.visible_dataset(principal, dataset)?;
     let policy = Arc::new(manifest.policy());
     let decision = snap.authorizer.decide(principal, &policy, purpose, Utc::now())?;
     if !decision.allow {
         return Err(Error::PermissionDenied {
             reason: decision.reason,
+        });
+    }
+    let ctx0 = source_context();
+    // Source failures are the operator's to fix and may name storage paths: log, do not send.
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::error!(dataset, error = %e, "dataset source unavailable");
+        Error::SourceUnavailable {
+            name: dataset.to_string(),
+        }
+    };
+    let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source())
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let raw_schema = raw.schema();
+    let grant = Grant::new(
+        &decision,
+        Arc::clone(&policy),
+        Arc::clone(&raw_schema),
+        purpose.clone(),
+        node.pseudonymiser(&principal.org),
+        Arc::clone(&node.consent),
+    )
+    .map_err(|e| match e {
+        // The source drifted from its registration (a column vanished or changed type).
+        passerelle_policies::Error::InvalidManifest { .. } | passerelle_policies::Error::Unsupported { .. } => {
+            unavailable(&e)
+        }
+        other => Error::Policy(other),
+    })?;
+    Ok(Guarded {
+        counters: grant.counters(),
+        consent_version: grant.consent_version(),
+        table: GuardedTable::new(raw, grant),
+        policy,
+        raw_schema,
+        reason: decision.reason,
+    })
+}
+
+/// Decides and plans a data request. Errors: `DatasetNotFound` (missing or invisible),
+/// `PermissionDenied` (purpose, role, direct identifier, aggregates-only dataset),
+/// `InvalidArgument` (unknown column, bad filter).
+pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &DataCommand) -> Result<PlannedQuery> {
+    let Guarded {
+        table,
+        policy,
+        raw_schema,
+        counters,
+        consent_version,
+        reason,
+    } = guard(node, principal, purpose, &cmd.dataset).await?;
+    if policy.release == Release::Aggregates {
+        return Err(Error::PermissionDenied {
+            reason: format!(
+                "dataset `{}` is released as aggregates only; query it over Flight SQL with GROUP BY (groups under {} rows are suppressed)",
+                cmd.dataset, policy.min_group_size
+            ),
         });
     }
     let check_column = |name: &str| -> Result<()> {
@@ -139,23 +212,10 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
         }
         cols.iter().try_for_each(|c| check_column(c))?;
     }
-
-    let ctx0 = source_context();
-    // Source failures are the operator's to fix and may name storage paths: log, do not send.
-    let unavailable = |e: &dyn std::fmt::Display| {
-        tracing::error!(dataset = %cmd.dataset, error = %e, "dataset source unavailable");
-        Error::SourceUnavailable {
-            name: cmd.dataset.clone(),
-        }
-    };
-    let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source())
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let raw_schema = raw.schema();
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
         let raw_df_schema = DFSchema::try_from(raw_schema.as_ref().clone())?;
-        let expr = ctx0.parse_sql_expr(filter, &raw_df_schema).map_err(|e| {
+        let expr = source_context().parse_sql_expr(filter, &raw_df_schema).map_err(|e| {
             Error::invalid(
                 format!("filter does not parse: {}", e.strip_backtrace()),
                 "write a SQL boolean expression over the columns you may see",
@@ -165,25 +225,6 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
             check_column(&c.name)?;
         }
     }
-
-    let grant = Grant::new(
-        &decision,
-        Arc::clone(&policy),
-        raw_schema,
-        purpose.clone(),
-        node.pseudonymiser(&principal.org),
-        Arc::clone(&node.consent),
-    )
-    .map_err(|e| match e {
-        // The source drifted from its registration (a column vanished or changed type).
-        passerelle_policies::Error::InvalidManifest { .. } | passerelle_policies::Error::Unsupported { .. } => {
-            unavailable(&e)
-        }
-        other => Error::Policy(other),
-    })?;
-    let counters = grant.counters();
-    let consent_version = grant.consent_version();
-    let table = GuardedTable::new(raw, grant);
     let ctx = guarded_context(vec![(cmd.dataset.clone(), table)])?;
     let mut df = ctx.table(cmd.dataset.as_str()).await?;
     if let Some(filter) = &cmd.filter {
@@ -212,7 +253,24 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
         df,
         schema,
         counters,
-        reason: decision.reason,
+        reason,
         consent_version,
     })
+}
+
+/// Datasets the caller may see and use for the purpose, by name, decided without opening their
+/// sources (a broken source is reported when the dataset is asked for).
+pub fn allowed_datasets(node: &Node, principal: &Principal, purpose: &Purpose) -> Vec<String> {
+    let snap = node.snapshot();
+    let now = Utc::now();
+    snap.datasets
+        .keys()
+        .filter(|name| {
+            snap.visible_dataset(principal, name)
+                .ok()
+                .and_then(|m| snap.authorizer.decide(principal, &m.policy(), purpose, now).ok())
+                .is_some_and(|d| d.allow)
+        })
+        .cloned()
+        .collect()
 }

@@ -74,6 +74,8 @@ pub struct GatewayConfig {
     pub demo: DemoOptions,
     /// Policy files (hot-reloaded when they change).
     pub policy: crate::node::PolicyOptions,
+    /// Limits on governed SQL.
+    pub sql: crate::sql::SqlOptions,
 }
 
 impl GatewayConfig {
@@ -119,6 +121,7 @@ impl GatewayConfig {
                 "tickets are short-lived by design",
             ));
         }
+        self.sql.validate()?;
         if self.demo.rows == 0 {
             return Err(Error::invalid("demo.rows must be at least 1", "the default is 1000000"));
         }

@@ -115,6 +115,9 @@ pub enum Error {
     /// No REST endpoint at this path.
     #[error("no such endpoint")]
     NoSuchEndpoint,
+    /// A per-query limit was hit; the message names it.
+    #[error("{message}")]
+    ResourceExhausted { message: String },
     /// Anything else that is our fault.
     #[error("{0}")]
     Internal(String),
@@ -151,6 +154,7 @@ impl Error {
             Error::Policy(p) => policy_status(p),
             Error::Connector(_) => StatusClass::InvalidArgument,
             Error::SourceUnavailable { .. } => StatusClass::Unavailable,
+            Error::ResourceExhausted { .. } => StatusClass::ResourceExhausted,
             Error::DataFusion(e) => classify_datafusion(e),
             Error::Store { .. } | Error::Io { .. } | Error::Internal(_) => StatusClass::Internal,
         }
@@ -188,6 +192,7 @@ impl Error {
             Error::NoSuchEndpoint => "see the README for the REST API",
             Error::PolicyRefused { .. } => "fix the policy file at the line named; the previous policy stays in force",
             Error::SourceUnavailable { .. } => "retry later; the operator can see the cause in the server log",
+            Error::ResourceExhausted { .. } => "narrow the query (filter, LIMIT, aggregate) or ask the operator to raise the limit",
             _ => "",
         }
     }
@@ -227,6 +232,9 @@ fn classify_datafusion(e: &DataFusionError) -> StatusClass {
             if let Some(p) = inner.downcast_ref::<passerelle_policies::Error>() {
                 return policy_status(p);
             }
+            if let Some(g) = inner.downcast_ref::<Error>() {
+                return g.status();
+            }
             StatusClass::Internal
         }
         // Raw-source failures are wrapped by the gate (`SourceRead`), so execution errors that
@@ -250,9 +258,31 @@ fn classify_datafusion(e: &DataFusionError) -> StatusClass {
     }
 }
 
+/// Takes our own errors (and the policy layer's) back out of DataFusion's wrappers, so that the
+/// caller sees `dataset `x` not found`, not `External error: ...`.
+fn unwrap_ours(e: DataFusionError) -> std::result::Result<Error, DataFusionError> {
+    match e {
+        DataFusionError::External(inner) => match inner.downcast::<Error>() {
+            Ok(ours) => Ok(*ours),
+            Err(inner) => match inner.downcast::<passerelle_policies::Error>() {
+                Ok(p) => Ok(Error::Policy(*p)),
+                Err(inner) => Err(DataFusionError::External(inner)),
+            },
+        },
+        DataFusionError::Context(msg, inner) => unwrap_ours(*inner).map_err(|i| DataFusionError::Context(msg, Box::new(i))),
+        DataFusionError::Diagnostic(d, inner) => {
+            unwrap_ours(*inner).map_err(|i| DataFusionError::Diagnostic(d, Box::new(i)))
+        }
+        other => Err(other),
+    }
+}
+
 impl From<DataFusionError> for Error {
     fn from(e: DataFusionError) -> Self {
-        Error::DataFusion(Box::new(e))
+        match unwrap_ours(e) {
+            Ok(ours) => ours,
+            Err(e) => Error::DataFusion(Box::new(e)),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use arrow::ipc::writer::IpcWriteOptions;
@@ -29,25 +29,113 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::audit::{self, AuditEntry, AuditLog, Completion};
 use crate::catalog::{self, DataCommand, PlannedQuery};
 use crate::error::{Error, Result};
+use crate::flight_sql::{SqlService, is_sql_command};
 use crate::node::Node;
 use crate::ticket::TicketClaims;
 
 /// The header carrying the declared purpose.
 pub const PURPOSE_HEADER: &str = "x-passerelle-purpose";
 
-/// The Flight service of one node.
+/// The Flight service of one node: plain Flight here, Flight SQL commands handed to
+/// [`SqlService`] on the same port.
 #[derive(Debug, Clone)]
 pub struct FlightHandler {
     node: Arc<Node>,
+    sql: Arc<SqlService>,
 }
 
-struct Caller {
-    principal: Principal,
-    purpose: Purpose,
+/// An authenticated caller and the purpose it declared.
+pub(crate) struct Caller {
+    pub principal: Principal,
+    pub purpose: Purpose,
 }
 
-fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
     md.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Authenticates the caller and reads the declared purpose.
+pub(crate) fn caller(node: &Node, md: &MetadataMap) -> Result<Caller> {
+    let principal = node.authenticate(header(md, "authorization"))?;
+    let purpose = header(md, PURPOSE_HEADER).ok_or_else(|| {
+        Error::invalid(
+            format!("missing `{PURPOSE_HEADER}` header"),
+            "declare the purpose of this access, e.g. x-passerelle-purpose: research/ai-training",
+        )
+    })?;
+    let purpose = Purpose::parse(purpose).map_err(|e| {
+        Error::invalid(
+            format!("`{PURPOSE_HEADER}`: {e}"),
+            "purposes are slash-separated lowercase paths",
+        )
+    })?;
+    Ok(Caller { principal, purpose })
+}
+
+/// What an audit entry is about.
+#[derive(Debug, Default)]
+pub(crate) struct Target<'a> {
+    /// Dataset names, comma-separated.
+    pub dataset: String,
+    pub columns: Option<Vec<String>>,
+    pub filter: Option<String>,
+    pub statement: Option<&'a str>,
+    /// Consent version used; looked up from the dataset's registry when `None`.
+    pub consent_version: Option<u64>,
+}
+
+/// Appends an audit entry; failures to audit fail the request (no unaudited access).
+pub(crate) async fn record(
+    node: &Node,
+    md: &MetadataMap,
+    caller: Option<&Caller>,
+    action: audit::Action,
+    target: &Target<'_>,
+    outcome: std::result::Result<&str, &Error>,
+    final_entry: bool,
+) -> Result<i64> {
+    let (principal, organisation, member_state) = match caller {
+        Some(c) => (
+            c.principal.name.clone(),
+            c.principal.org.clone(),
+            c.principal.member_state.clone(),
+        ),
+        None => ("(unauthenticated)".to_string(), String::new(), String::new()),
+    };
+    let purpose = caller
+        .map(|c| c.purpose.to_string())
+        .or_else(|| header(md, PURPOSE_HEADER).map(str::to_string))
+        .unwrap_or_default();
+    let snap = node.snapshot();
+    let consent_version = target.consent_version.unwrap_or_else(|| {
+        snap.datasets
+            .get(&target.dataset)
+            .map(|m| m.policy().consent_registry)
+            .map_or(0, |r| node.consent.registry_version(&r))
+    });
+    let entry = AuditEntry {
+        principal,
+        organisation,
+        member_state,
+        purpose,
+        dataset: target.dataset.clone(),
+        columns: target.columns.clone(),
+        filter: target.filter.clone(),
+        statement: target.statement.map(str::to_string),
+        action,
+        allow: outcome.is_ok(),
+        reason: match outcome {
+            Ok(r) => r.to_string(),
+            Err(e) => e.public_message(),
+        },
+        consent_version,
+        policy_version: snap.authorizer.version().to_string(),
+    };
+    node.audit.append(&entry, final_entry).await
+}
+
+fn is_sql_descriptor(desc: &FlightDescriptor) -> bool {
+    DescriptorType::try_from(desc.r#type) == Ok(DescriptorType::Cmd) && is_sql_command(&desc.cmd)
 }
 
 fn command_from_descriptor(desc: &FlightDescriptor) -> Result<DataCommand> {
@@ -73,27 +161,15 @@ fn command_from_descriptor(desc: &FlightDescriptor) -> Result<DataCommand> {
 impl FlightHandler {
     /// A handler over a node.
     pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+        let sql = Arc::new(SqlService::new(Arc::clone(&node)));
+        Self { node, sql }
     }
 
     fn caller(&self, md: &MetadataMap) -> Result<Caller> {
-        let principal = self.node.authenticate(header(md, "authorization"))?;
-        let purpose = header(md, PURPOSE_HEADER).ok_or_else(|| {
-            Error::invalid(
-                format!("missing `{PURPOSE_HEADER}` header"),
-                "declare the purpose of this access, e.g. x-passerelle-purpose: research/ai-training",
-            )
-        })?;
-        let purpose = Purpose::parse(purpose).map_err(|e| {
-            Error::invalid(
-                format!("`{PURPOSE_HEADER}`: {e}"),
-                "purposes are slash-separated lowercase paths",
-            )
-        })?;
-        Ok(Caller { principal, purpose })
+        caller(&self.node, md)
     }
 
-    /// Appends an audit entry; failures to audit fail the request (no unaudited access).
+    /// Appends an audit entry for a plain Flight request.
     async fn audit(
         &self,
         md: &MetadataMap,
@@ -103,45 +179,13 @@ impl FlightHandler {
         outcome: std::result::Result<&str, &Error>,
         final_entry: bool,
     ) -> Result<i64> {
-        let (principal, organisation, member_state) = match caller {
-            Some(c) => (
-                c.principal.name.clone(),
-                c.principal.org.clone(),
-                c.principal.member_state.clone(),
-            ),
-            None => ("(unauthenticated)".to_string(), String::new(), String::new()),
-        };
-        let purpose = caller
-            .map(|c| c.purpose.to_string())
-            .or_else(|| header(md, PURPOSE_HEADER).map(str::to_string))
-            .unwrap_or_default();
-        let registry_version = cmd
-            .and_then(|c| {
-                self.node
-                    .snapshot()
-                    .datasets
-                    .get(&c.dataset)
-                    .map(|m| m.policy().consent_registry)
-            })
-            .map_or(0, |r| self.node.consent.registry_version(&r));
-        let entry = AuditEntry {
-            principal,
-            organisation,
-            member_state,
-            purpose,
+        let target = Target {
             dataset: cmd.map(|c| c.dataset.clone()).unwrap_or_default(),
             columns: cmd.and_then(|c| c.columns.clone()),
             filter: cmd.and_then(|c| c.filter.clone()),
-            action,
-            allow: outcome.is_ok(),
-            reason: match outcome {
-                Ok(r) => r.to_string(),
-                Err(e) => e.public_message(),
-            },
-            consent_version: registry_version,
-            policy_version: self.node.snapshot().authorizer.version().to_string(),
+            ..Default::default()
         };
-        self.node.audit.append(&entry, final_entry).await
+        record(&self.node, md, caller, action, &target, outcome, final_entry).await
     }
 
     /// Authenticates, parses and plans; audits denials. Returns the caller and the plan.
@@ -199,6 +243,7 @@ impl FlightHandler {
                 limit: cmd.limit,
                 exp: chrono::Utc::now().timestamp() + self.node.ticket_ttl.as_secs() as i64,
                 nonce: rand::random(),
+                sql: None,
             };
             info = info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(self.node.tickets.sign(&claims)?)));
         }
@@ -219,30 +264,59 @@ fn flight_error_to_status(e: FlightError) -> Status {
 }
 
 /// Counts rows sent and completes the audit entry when the stream ends, fails or is dropped.
-struct AuditedStream {
+pub(crate) struct AuditedStream {
     inner: SendableRecordBatchStream,
     audit: AuditLog,
     id: i64,
-    counters: Arc<EnforceCounters>,
-    sent: Arc<AtomicU64>,
+    /// One per guarded table the plan reads.
+    counters: Vec<Arc<EnforceCounters>>,
+    sent: u64,
     start_version: u64,
     done: bool,
 }
 
 impl AuditedStream {
+    /// Wraps a stream whose audit entry `id` is `requested`.
+    pub(crate) fn new(
+        inner: SendableRecordBatchStream,
+        audit: AuditLog,
+        id: i64,
+        counters: Vec<Arc<EnforceCounters>>,
+        start_version: u64,
+    ) -> Self {
+        Self {
+            inner,
+            audit,
+            id,
+            counters,
+            sent: 0,
+            start_version,
+            done: false,
+        }
+    }
+
+    /// The Flight encoding of this stream.
+    pub(crate) fn encode(self, schema: arrow::datatypes::SchemaRef) -> BoxStream<'static, std::result::Result<FlightData, Status>> {
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(self.map_err(|e| FlightError::ExternalError(Box::new(e))))
+            .map_err(flight_error_to_status)
+            .boxed()
+    }
+
     fn finish(&mut self, ok: bool) {
         if self.done {
             return;
         }
         self.done = true;
-        let (_, _, dropped) = self.counters.rows();
+        let dropped: u64 = self.counters.iter().map(|c| c.rows().2).sum();
         let last = self
             .counters
-            .last_consent_version
-            .load(Ordering::Relaxed)
-            .max(self.start_version);
+            .iter()
+            .map(|c| c.last_consent_version.load(Ordering::Relaxed))
+            .fold(self.start_version, u64::max);
         let completion = Completion {
-            rows_sent: self.sent.load(Ordering::Relaxed),
+            rows_sent: self.sent,
             rows_withheld: dropped,
             consent_version_last: last,
             ok,
@@ -264,7 +338,8 @@ impl Stream for AuditedStream {
         let polled = self.inner.poll_next_unpin(cx);
         match &polled {
             Poll::Ready(Some(Ok(b))) => {
-                self.sent.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                let n = b.num_rows() as u64;
+                self.sent += n;
             }
             Poll::Ready(Some(Err(_))) => self.finish(false),
             Poll::Ready(None) => self.finish(true),
@@ -358,6 +433,9 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
+        if is_sql_descriptor(request.get_ref()) {
+            return FlightService::get_flight_info(self.sql.as_ref(), request).await;
+        }
         let md = request.metadata().clone();
         let desc = request.into_inner();
         let (caller, cmd, planned) = self
@@ -389,6 +467,12 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<SchemaResult>, Status> {
+        if is_sql_descriptor(request.get_ref()) {
+            let info = FlightService::get_flight_info(self.sql.as_ref(), request).await?;
+            return Ok(Response::new(SchemaResult {
+                schema: info.into_inner().schema,
+            }));
+        }
         let md = request.metadata().clone();
         let desc = request.into_inner();
         let (caller, cmd, planned) = self
@@ -410,6 +494,9 @@ impl FlightService for FlightHandler {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> std::result::Result<Response<Self::DoGetStream>, Status> {
+        if is_sql_command(&request.get_ref().ticket) {
+            return FlightService::do_get(self.sql.as_ref(), request).await;
+        }
         let md = request.metadata().clone();
         let ticket = request.into_inner();
         #[cfg(feature = "bench")]
@@ -431,6 +518,15 @@ impl FlightService for FlightHandler {
                 return Err(e.into());
             }
         };
+        if claims.sql.is_some() {
+            let e = Error::invalid(
+                "this is a Flight SQL statement handle, not a plain Flight ticket",
+                "send the ticket of the FlightInfo you received, unchanged",
+            );
+            self.audit(&md, Some(&caller), audit::Action::DoGet, None, Err(&e), true)
+                .await?;
+            return Err(e.into());
+        }
         let cmd = DataCommand {
             dataset: claims.dataset.clone(),
             columns: claims.columns.clone(),
@@ -492,29 +588,23 @@ impl FlightService for FlightHandler {
                 return Err(Error::from(e).into());
             }
         };
-        let audited = AuditedStream {
-            inner: stream,
-            audit: self.node.audit.clone(),
+        let audited = AuditedStream::new(
+            stream,
+            self.node.audit.clone(),
             id,
-            counters: planned.counters,
-            sent: Arc::new(AtomicU64::new(0)),
-            start_version: planned.consent_version,
-            done: false,
-        };
-        let encoded = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .build(audited.map_err(|e| FlightError::ExternalError(Box::new(e))))
-            .map_err(flight_error_to_status);
-        Ok(Response::new(encoded.boxed()))
+            vec![planned.counters],
+            planned.consent_version,
+        );
+        Ok(Response::new(audited.encode(schema)))
     }
 
+    /// Only Flight SQL uses DoPut (to bind prepared-statement parameters); everything else is
+    /// refused there: the gateway is read-only.
     async fn do_put(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> std::result::Result<Response<Self::DoPutStream>, Status> {
-        Err(Status::unimplemented(
-            "Passerelle is read-only over Flight; register data with `passerelle dataset register`",
-        ))
+        FlightService::do_put(self.sql.as_ref(), request).await
     }
 
     async fn do_exchange(
@@ -524,17 +614,17 @@ impl FlightService for FlightHandler {
         Err(Status::unimplemented("DoExchange is not supported"))
     }
 
-    async fn do_action(
-        &self,
-        _request: Request<Action>,
-    ) -> std::result::Result<Response<Self::DoActionStream>, Status> {
-        Err(Status::unimplemented("no actions are supported"))
+    /// The only actions are Flight SQL's (prepared statements).
+    async fn do_action(&self, request: Request<Action>) -> std::result::Result<Response<Self::DoActionStream>, Status> {
+        FlightService::do_action(self.sql.as_ref(), request).await
     }
 
     async fn list_actions(
         &self,
         _request: Request<Empty>,
     ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
-        Ok(Response::new(futures::stream::empty().boxed()))
+        Ok(Response::new(
+            futures::stream::iter(crate::flight_sql::action_types().into_iter().map(Ok)).boxed(),
+        ))
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  client ──Flight──► flight::FlightHandler ──► catalog::plan ──► GuardedTable ─► EnforceExec ─► raw scan
+//!         ──Flight SQL► flight_sql::SqlService ──► sql::plan_sql ──► (same GuardedTable per dataset)
 //!         ──REST────► admin::router ──► node::Node (MetaStore, ConsentStore, AuditLog, ConsentIndex)
 //!  CLI    ──────────► cli::run_admin ──► node::Node (same operations, same SQLite data directory)
 //! ```
@@ -25,9 +26,11 @@ pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod flight;
+pub mod flight_sql;
 pub mod manifest;
 pub mod meta;
 pub mod node;
+pub mod sql;
 pub mod startup;
 pub mod ticket;
 

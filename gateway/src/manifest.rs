@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use passerelle_connectors::{Format, SourceSpec};
-use passerelle_policies::{ColumnPolicy, DatasetId, DatasetPolicy, LegalBasis, MemberState, Purpose};
+use passerelle_policies::{
+    ColumnPolicy, DEFAULT_MIN_GROUP_SIZE, DatasetId, DatasetPolicy, LegalBasis, MemberState, Purpose, Release,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -38,6 +40,13 @@ pub struct Manifest {
     /// `sensitive` columns are special-category data (GDPR Art. 9).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub special_category: bool,
+    /// `rows` (default) or `aggregates`: then only `GROUP BY` results leave, each group holding
+    /// at least `min_group_size` rows.
+    #[serde(default, skip_serializing_if = "Release::is_rows")]
+    pub release: Release,
+    /// Smallest group released by an aggregates-only dataset (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_group_size: Option<u32>,
 }
 
 const MANIFEST_HINT: &str = "see the manifest format in the README (name, location, format, member_state, controller, subject_column, legal_basis, purposes, [columns])";
@@ -74,6 +83,8 @@ impl Manifest {
             purposes: self.purposes.clone(),
             columns: self.columns.clone(),
             special_category: self.special_category,
+            release: self.release,
+            min_group_size: self.min_group_size.unwrap_or(DEFAULT_MIN_GROUP_SIZE),
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct Node {
     bad_policy: std::sync::Mutex<Option<(u64, String)>>,
     /// How long tickets live.
     pub ticket_ttl: Duration,
+    /// Limits on governed SQL.
+    pub sql: crate::sql::SqlOptions,
     pseudonym_master: Vec<u8>,
     /// Version of `pseudonym_master`, the first byte of every pseudonym.
     pseudonym_version: u8,
@@ -293,6 +295,7 @@ impl Node {
             policy,
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
+            sql: crate::sql::SqlOptions::default(),
             pseudonym_master,
             pseudonym_version,
             snapshot: RwLock::new(Arc::new(empty)),

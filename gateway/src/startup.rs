@@ -39,6 +39,7 @@ impl Application {
         let mut node = Node::open_with(&data_dir, cfg.policy.clone()).await?;
         if let Some(n) = Arc::get_mut(&mut node) {
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
+            n.sql = cfg.sql.clone();
         }
         if cfg.demo.enabled {
             crate::demo::ensure_demo(&node, cfg.demo.rows).await?;

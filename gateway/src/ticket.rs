@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 type HmacSha256 = Hmac<Sha256>;
 
 /// Largest ticket accepted, so a hostile ticket cannot make us decode megabytes.
-const MAX_TICKET_BYTES: usize = 16 * 1024;
+const MAX_TICKET_BYTES: usize = 256 * 1024;
 
 /// What a ticket grants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +39,21 @@ pub struct TicketClaims {
     pub exp: i64,
     /// Random nonce: two tickets for the same request differ.
     pub nonce: u64,
+    /// A Flight SQL statement (then `dataset` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<SqlClaim>,
+}
+
+/// A statement and its bound parameters, carried by Flight SQL tickets and prepared-statement
+/// handles: the server keeps no per-statement state, so any replica can serve them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlClaim {
+    /// SQL text.
+    pub text: String,
+    /// Parameters: a one-row Arrow IPC stream, base64url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
 }
 
 /// Signs and verifies tickets with the node's ticket key.
@@ -115,6 +130,7 @@ mod tests {
             limit: Some(5),
             exp,
             nonce: 7,
+            sql: None,
         }
     }
 

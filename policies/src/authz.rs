@@ -433,6 +433,8 @@ mod tests {
             purposes: purposes.iter().map(|p| Purpose::parse(p).unwrap()).collect(),
             columns: BTreeMap::new(),
             special_category: false,
+            release: crate::Release::Rows,
+            min_group_size: crate::DEFAULT_MIN_GROUP_SIZE,
         }
     }
     fn principal(name: &str, org: &str, role: Role) -> Principal {
@@ -450,6 +452,8 @@ mod tests {
             purpose: Purpose::parse(purpose).unwrap(),
             expires: expires.map(|e| DateTime::parse_from_rfc3339(e).unwrap().with_timezone(&Utc)),
             special_category: false,
+            release: crate::Release::Rows,
+            min_group_size: crate::DEFAULT_MIN_GROUP_SIZE,
         }
     }
     fn p(s: &str) -> Purpose {

@@ -287,6 +287,35 @@ impl LegalBasis {
     }
 }
 
+/// How a dataset's rows may leave the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Release {
+    /// Row by row (through the gate).
+    #[default]
+    Rows,
+    /// Only as results of `GROUP BY` queries, each group holding at least `min_group_size` rows:
+    /// how a member state shares data it may not release row by row.
+    Aggregates,
+}
+
+impl Release {
+    /// The manifest spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Release::Rows => "rows",
+            Release::Aggregates => "aggregates",
+        }
+    }
+    /// Whether this is the default (for `skip_serializing_if`).
+    pub fn is_rows(&self) -> bool {
+        *self == Release::Rows
+    }
+}
+
+/// Smallest group an aggregates-only dataset releases when the manifest names none.
+pub const DEFAULT_MIN_GROUP_SIZE: u32 = 10;
+
 /// Everything policy needs to know about a dataset; the storage half lives in connectors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetPolicy {
@@ -309,6 +338,10 @@ pub struct DatasetPolicy {
     /// Whether the `sensitive` columns are special-category data (GDPR Art. 9): then they are
     /// sent only under a permit or rule that names that condition.
     pub special_category: bool,
+    /// Rows or aggregates only.
+    pub release: Release,
+    /// With `Release::Aggregates`: groups with fewer rows are suppressed.
+    pub min_group_size: u32,
 }
 
 /// Subject column types the consent kernels can probe.
@@ -339,6 +372,12 @@ impl DatasetPolicy {
         }
         if self.consent_registry.trim().is_empty() {
             return Err(invalid("`consent_registry` is empty".into()));
+        }
+        if self.release == Release::Aggregates && self.min_group_size < 2 {
+            return Err(invalid(format!(
+                "`min_group_size` is {}; an aggregates-only dataset needs groups of at least 2 rows (default {DEFAULT_MIN_GROUP_SIZE})",
+                self.min_group_size
+            )));
         }
         if self.purposes.is_empty() {
             return Err(invalid(
@@ -498,6 +537,8 @@ mod tests {
             purposes: vec![Purpose::parse("research").unwrap()],
             columns,
             special_category: false,
+            release: crate::Release::Rows,
+            min_group_size: crate::DEFAULT_MIN_GROUP_SIZE,
         }
     }
 

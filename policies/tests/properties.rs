@@ -119,6 +119,8 @@ fn policy(kind: Kind) -> DatasetPolicy {
         purposes: PURPOSES.iter().map(|p| Purpose::parse(p).unwrap()).collect(),
         columns,
         special_category: false,
+        release: passerelle_policies::Release::Rows,
+        min_group_size: passerelle_policies::DEFAULT_MIN_GROUP_SIZE,
     }
 }
 

@@ -16,10 +16,12 @@ pub mod grant;
 pub mod kernels;
 pub mod provider;
 pub mod pseudonymise;
+pub mod release;
 pub mod stream;
 
 pub use exec::EnforceExec;
 pub use grant::{ColumnAction, EnforceCounters, Grant};
 pub use provider::GuardedTable;
 pub use pseudonymise::Pseudonymiser;
+pub use release::enforce_release;
 pub use stream::EnforceStream;

@@ -1,0 +1,482 @@
+//! Governed SQL: one DataFusion session per request whose catalog resolves dataset names to
+//! `GuardedTable`s for that caller and purpose, and nothing else.
+//!
+//! - Only queries (and `EXPLAIN` of one) are accepted; DDL, DML, `COPY`, `SET`, `CREATE EXTERNAL
+//!   TABLE` are refused before planning. There are no table functions, no URL tables and no
+//!   `information_schema`.
+//! - After planning, every table scan is checked to be a `GuardedTable` (defence in depth), and
+//!   the aggregates-only rule of `passerelle_policies` rewrites the plan.
+//! - Per query: a memory pool of `sql.memory_limit_mb` (no spilling: nothing of the data is
+//!   written to local disk), a `sql.timeout_secs` deadline and at most `sql.max_rows` rows;
+//!   exceeding one gives `RESOURCE_EXHAUSTED` naming the limit.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arrow::array::{Array, RecordBatch, StringArray};
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider, SchemaProvider, TableProvider};
+use datafusion::common::ParamValues;
+use datafusion::common::config::Dialect;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::source_as_provider;
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::RecordBatchStream;
+use datafusion::prelude::DataFrame;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use futures::{Stream, StreamExt};
+use passerelle_policies::enforce::{EnforceCounters, GuardedTable, enforce_release};
+use passerelle_policies::{Principal, Purpose};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, Guarded};
+use crate::error::{Error, Result};
+use crate::node::Node;
+
+/// The catalog name clients see.
+pub const CATALOG: &str = "passerelle";
+/// The schema name clients see.
+pub const SCHEMA: &str = "public";
+
+/// Limits on governed SQL (`[sql]` in the configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqlOptions {
+    /// Memory one query may use (joins, aggregates, sorts), in MiB.
+    pub memory_limit_mb: u64,
+    /// Longest a query may run, planning and streaming included, in seconds.
+    pub timeout_secs: u64,
+    /// Most rows one query may return.
+    pub max_rows: u64,
+    /// Longest SQL text accepted, in bytes.
+    pub max_statement_bytes: usize,
+}
+
+impl Default for SqlOptions {
+    fn default() -> Self {
+        Self {
+            memory_limit_mb: 1024,
+            timeout_secs: 600,
+            max_rows: 100_000_000,
+            max_statement_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl SqlOptions {
+    /// Range checks.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| {
+            Err(Error::invalid(
+                format!("sql.{what} must be at least 1"),
+                "see deploy/config/node.example.toml",
+            ))
+        };
+        if self.memory_limit_mb == 0 {
+            return bad("memory_limit_mb");
+        }
+        if self.timeout_secs == 0 {
+            return bad("timeout_secs");
+        }
+        if self.max_rows == 0 {
+            return bad("max_rows");
+        }
+        if self.max_statement_bytes == 0 {
+            return bad("max_statement_bytes");
+        }
+        Ok(())
+    }
+
+    /// The query deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// A dataset a statement read, for the audit.
+#[derive(Debug, Clone)]
+pub struct Touched {
+    /// Dataset name.
+    pub dataset: String,
+    /// The gate's counters for this table.
+    pub counters: Arc<EnforceCounters>,
+    /// Consent version at planning time.
+    pub consent_version: u64,
+    /// Why access was allowed.
+    pub reason: String,
+}
+
+/// The schema of one request: resolves names through the policy engine, lazily, so that a
+/// statement opens only the datasets it names.
+#[derive(Debug)]
+struct GovernedSchema {
+    node: Arc<Node>,
+    principal: Principal,
+    purpose: Purpose,
+    touched: Arc<Mutex<Vec<Touched>>>,
+}
+
+#[async_trait]
+impl SchemaProvider for GovernedSchema {
+    fn table_names(&self) -> Vec<String> {
+        catalog::allowed_datasets(&self.node, &self.principal, &self.purpose)
+    }
+
+    async fn table(&self, name: &str) -> std::result::Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        // Hidden and missing datasets fail alike (NOT_FOUND with the same text).
+        let Guarded {
+            table,
+            counters,
+            consent_version,
+            reason,
+            ..
+        } = catalog::guard(&self.node, &self.principal, &self.purpose, name)
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        if let Ok(mut touched) = self.touched.lock() {
+            touched.push(Touched {
+                dataset: name.to_string(),
+                counters,
+                consent_version,
+                reason,
+            });
+        }
+        Ok(Some(Arc::new(table)))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.table_names().iter().any(|n| n == name)
+    }
+}
+
+/// A planned, allowed statement.
+#[derive(Debug)]
+pub struct PlannedSql {
+    /// The plan, ready to execute.
+    pub df: DataFrame,
+    /// The schema the client receives.
+    pub schema: SchemaRef,
+    /// Datasets read.
+    pub touched: Vec<Touched>,
+    /// `EXPLAIN`: the output is redacted of storage paths.
+    pub explain: bool,
+}
+
+impl PlannedSql {
+    /// Comma-separated dataset names, for the audit.
+    pub fn datasets(&self) -> String {
+        let mut names: Vec<&str> = self.touched.iter().map(|t| t.dataset.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.join(",")
+    }
+
+    /// Highest consent version among the datasets read.
+    pub fn consent_version(&self) -> u64 {
+        self.touched.iter().map(|t| t.consent_version).max().unwrap_or(0)
+    }
+
+    /// The reasons access was allowed, one per dataset.
+    pub fn reason(&self) -> String {
+        if self.touched.is_empty() {
+            return "statement reads no dataset".into();
+        }
+        self.touched
+            .iter()
+            .map(|t| format!("{}: {}", t.dataset, t.reason))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+fn governed_state(opts: &SqlOptions, schema: Arc<GovernedSchema>) -> Result<SessionState> {
+    let config = catalog::session_config()
+        .with_default_catalog_and_schema(CATALOG, SCHEMA)
+        .with_create_default_catalog_and_schema(false);
+    let bytes = usize::try_from(opts.memory_limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(bytes, 1.0)
+        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+        .build_arc()?;
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        // No table functions: none reads data, and each would be a scan outside the gate.
+        .with_table_functions(HashMap::new())
+        .build();
+    let catalog = MemoryCatalogProvider::new();
+    catalog.register_schema(SCHEMA, schema)?;
+    state.catalog_list().register_catalog(CATALOG.into(), Arc::new(catalog));
+    Ok(state)
+}
+
+fn refused(what: &str) -> Error {
+    Error::PermissionDenied {
+        reason: format!(
+            "only SELECT queries (and EXPLAIN of one) are allowed; {what} is refused: the gateway is read-only and every read goes through the policy gate"
+        ),
+    }
+}
+
+/// The first keyword of a statement, for error messages.
+fn keyword(stmt: &SqlStatement) -> String {
+    let text = stmt.to_string();
+    let word = text.split_whitespace().next().unwrap_or("this statement");
+    format!("`{}`", word.to_uppercase())
+}
+
+/// Refuses every statement that is not a query before it is planned.
+fn check_statement(stmt: &DfStatement) -> Result<()> {
+    match stmt {
+        DfStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::Query(_) => Ok(()),
+            other => Err(refused(&keyword(other))),
+        },
+        DfStatement::Explain(e) => {
+            if e.options.analyze {
+                return Err(Error::PermissionDenied {
+                    reason: "EXPLAIN ANALYZE is refused: its metrics count rows below the policy gate; use EXPLAIN"
+                        .into(),
+                });
+            }
+            check_statement(&e.statement)
+        }
+        DfStatement::CreateExternalTable(_) => Err(refused("`CREATE EXTERNAL TABLE`")),
+        DfStatement::CopyTo(_) => Err(refused("`COPY`")),
+        DfStatement::Reset(_) => Err(refused("`RESET`")),
+    }
+}
+
+/// Every scan of the plan (subqueries included) must read a `GuardedTable`.
+fn check_guarded(plan: &LogicalPlan) -> Result<()> {
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let guarded = source_as_provider(&scan.source)
+                .ok()
+                .is_some_and(|p| p.downcast_ref::<GuardedTable>().is_some());
+            if !guarded {
+                return Err(DataFusionError::External(Box::new(Error::Internal(format!(
+                    "plan scans `{}` outside the policy gate",
+                    scan.table_name
+                )))));
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(())
+}
+
+/// Parses, checks and plans a statement for one caller and purpose. `params` binds `$1`, `$2`…
+pub async fn plan_sql(
+    node: &Arc<Node>,
+    principal: &Principal,
+    purpose: &Purpose,
+    sql: &str,
+    params: Option<ParamValues>,
+) -> Result<PlannedSql> {
+    let opts = &node.sql;
+    if sql.len() > opts.max_statement_bytes {
+        return Err(Error::invalid(
+            format!(
+                "statement is {} bytes, longer than sql.max_statement_bytes = {}",
+                sql.len(),
+                opts.max_statement_bytes
+            ),
+            "shorten the statement",
+        ));
+    }
+    let touched = Arc::new(Mutex::new(Vec::new()));
+    let schema = Arc::new(GovernedSchema {
+        node: Arc::clone(node),
+        principal: principal.clone(),
+        purpose: purpose.clone(),
+        touched: Arc::clone(&touched),
+    });
+    let state = governed_state(opts, schema)?;
+    let stmt = state.sql_to_statement(sql, &Dialect::Generic).map_err(|e| {
+        Error::invalid(
+            format!("statement does not parse: {}", e.strip_backtrace()),
+            "send one SQL query (DataFusion dialect, parameters as $1, $2, ...)",
+        )
+    })?;
+    check_statement(&stmt)?;
+    let explain = matches!(stmt, DfStatement::Explain(_));
+    let plan = state.statement_to_plan(stmt).await?;
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(|_| refused("this statement"))?;
+    let plan = match params {
+        Some(p) => plan.with_param_values(p)?,
+        None => plan,
+    };
+    check_guarded(&plan)?;
+    let plan = enforce_release(plan)?;
+    let df = DataFrame::new(state, plan);
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let touched = touched.lock().map(|t| t.clone()).unwrap_or_default();
+    Ok(PlannedSql {
+        df,
+        schema,
+        touched,
+        explain,
+    })
+}
+
+/// Hides the storage locations that physical plans print (`file_groups={...}`): the plan shape
+/// is the caller's to see, the steward's file layout is not.
+pub fn redact_plan_text(text: &str) -> String {
+    const KEY: &str = "file_groups={";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(KEY) {
+        out.push_str(&rest[..at]);
+        out.push_str("file_groups=<redacted>");
+        let after = &rest[at + KEY.len()..];
+        let mut depth = 1usize;
+        let mut end = after.len();
+        for (i, ch) in after.char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &after[end.min(after.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn redact_batch(batch: RecordBatch) -> datafusion::error::Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.as_any().downcast_ref::<StringArray>() {
+            Some(s) => Arc::new(s.iter().map(|v| v.map(redact_plan_text)).collect::<StringArray>()) as Arc<dyn Array>,
+            None => Arc::clone(c),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
+/// Enforces the deadline and the row limit on a result stream, names the memory limit when the
+/// pool refuses, and redacts `EXPLAIN` output.
+pub struct LimitedStream {
+    inner: SendableRecordBatchStream,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    opts: SqlOptions,
+    rows: u64,
+    explain: bool,
+    done: bool,
+}
+
+impl LimitedStream {
+    /// Wraps `inner`; the deadline runs from `started`.
+    pub fn new(inner: SendableRecordBatchStream, opts: &SqlOptions, started: tokio::time::Instant, explain: bool) -> Self {
+        Self {
+            inner,
+            deadline: Box::pin(tokio::time::sleep_until(started + opts.timeout())),
+            opts: opts.clone(),
+            rows: 0,
+            explain,
+            done: false,
+        }
+    }
+
+    fn fail(&mut self, message: String) -> Poll<Option<datafusion::error::Result<RecordBatch>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(DataFusionError::ResourcesExhausted(message))))
+    }
+}
+
+impl Stream for LimitedStream {
+    type Item = datafusion::error::Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let secs = self.opts.timeout_secs;
+            return self.fail(format!(
+                "query ran longer than sql.timeout_secs = {secs}; add a filter, a LIMIT or aggregate"
+            ));
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(batch))) => {
+                self.rows += batch.num_rows() as u64;
+                if self.rows > self.opts.max_rows {
+                    let max = self.opts.max_rows;
+                    return self.fail(format!(
+                        "query returns more than sql.max_rows = {max} rows; add a filter, a LIMIT or aggregate"
+                    ));
+                }
+                if self.explain {
+                    Poll::Ready(Some(redact_batch(batch)))
+                } else {
+                    Poll::Ready(Some(Ok(batch)))
+                }
+            }
+            Poll::Ready(Some(Err(DataFusionError::ResourcesExhausted(m)))) => {
+                let mb = self.opts.memory_limit_mb;
+                self.fail(format!("query needs more than sql.memory_limit_mb = {mb} MiB ({m})"))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl RecordBatchStream for LimitedStream {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_file_groups_only() {
+        let text = "DataSourceExec: file_groups={1 group: [[tmp/a/{x}.parquet]]}, projection=[a], file_type=parquet";
+        assert_eq!(
+            redact_plan_text(text),
+            "DataSourceExec: file_groups=<redacted>, projection=[a], file_type=parquet"
+        );
+        assert_eq!(redact_plan_text("EnforceExec: x"), "EnforceExec: x");
+    }
+
+    #[test]
+    fn options_validate() {
+        SqlOptions::default().validate().unwrap();
+        let o = SqlOptions {
+            max_rows: 0,
+            ..Default::default()
+        };
+        assert!(o.validate().unwrap_err().to_string().contains("sql.max_rows"));
+    }
+}
