@@ -34,7 +34,6 @@ import subprocess
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -47,7 +46,7 @@ import pytest
 
 from conftest import (DATASET, OTHER_PURPOSE, PSEUDONYM_RE, PURPOSE, PURPOSE_HEADER, RELEASED_COLUMNS,
                       STARTUP_DEADLINE, Gateway, Reference, _read_json_file, assert_same_multiset, call_options,
-                      expect_status, groups_by_pseudonym, is_string_type, norm_float, output_row, path_descriptor,
+                      expect_status, groups_by_pseudonym, is_string_type, output_row, path_descriptor,
                       poll_until, pull, released_row, stop_process)
 
 # ======================================================================================================================

@@ -326,7 +326,7 @@ def test_raw_subject_ids_reveal_nothing(conn, world: World):
     conditions = {
         "text": lambda i: f"patient_id = '{i}'",
         "integer": lambda i: f"CAST(patient_id AS BIGINT) = {i}",
-        "division": lambda i: f"{_div(f'patient_id = {chr(39)}{i}{chr(39)}')} = 1",
+        "division": lambda i: _div("patient_id = '%s'" % i) + " = 1",
     }
     for form, cond in conditions.items():
         answers = {}

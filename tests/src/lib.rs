@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+pub mod sql;
+
 /// A running in-process gateway.
 pub struct TestGateway {
     /// Flight address.
