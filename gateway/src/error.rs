@@ -192,7 +192,9 @@ impl Error {
             Error::NoSuchEndpoint => "see the README for the REST API",
             Error::PolicyRefused { .. } => "fix the policy file at the line named; the previous policy stays in force",
             Error::SourceUnavailable { .. } => "retry later; the operator can see the cause in the server log",
-            Error::ResourceExhausted { .. } => "narrow the query (filter, LIMIT, aggregate) or ask the operator to raise the limit",
+            Error::ResourceExhausted { .. } => {
+                "narrow the query (filter, LIMIT, aggregate) or ask the operator to raise the limit"
+            }
             _ => "",
         }
     }
@@ -203,6 +205,9 @@ impl Error {
             let id = rand::random::<u64>();
             tracing::error!(error = %self, error_id = format!("{id:016x}"), "internal error");
             format!("internal error (id {id:016x}); the operator can find the details in the server log")
+        } else if let Error::DataFusion(_) = self {
+            // Planner errors can quote whole physical plans, storage paths included.
+            crate::sql::redact_plan_text(&self.to_string())
         } else {
             self.to_string()
         }
@@ -269,7 +274,9 @@ fn unwrap_ours(e: DataFusionError) -> std::result::Result<Error, DataFusionError
                 Err(inner) => Err(DataFusionError::External(inner)),
             },
         },
-        DataFusionError::Context(msg, inner) => unwrap_ours(*inner).map_err(|i| DataFusionError::Context(msg, Box::new(i))),
+        DataFusionError::Context(msg, inner) => {
+            unwrap_ours(*inner).map_err(|i| DataFusionError::Context(msg, Box::new(i)))
+        }
         DataFusionError::Diagnostic(d, inner) => {
             unwrap_ours(*inner).map_err(|i| DataFusionError::Diagnostic(d, Box::new(i)))
         }

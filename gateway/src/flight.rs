@@ -296,7 +296,10 @@ impl AuditedStream {
     }
 
     /// The Flight encoding of this stream.
-    pub(crate) fn encode(self, schema: arrow::datatypes::SchemaRef) -> BoxStream<'static, std::result::Result<FlightData, Status>> {
+    pub(crate) fn encode(
+        self,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> BoxStream<'static, std::result::Result<FlightData, Status>> {
         FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(self.map_err(|e| FlightError::ExternalError(Box::new(e))))

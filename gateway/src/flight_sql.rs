@@ -33,7 +33,7 @@ use prost::Message;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{self, Completion};
+use crate::audit;
 use crate::error::{Error, Result};
 use crate::flight::{AuditedStream, Caller, Target, caller, record};
 use crate::node::Node;
@@ -227,8 +227,9 @@ impl SqlService {
         statement: &str,
         planned: Option<&PlannedSql>,
         outcome: std::result::Result<&str, &Error>,
-        final_entry: bool,
     ) -> Result<i64> {
+        // An allowed DoGet stays `requested` until its stream ends; everything else is final.
+        let final_entry = !(action == audit::Action::DoGet && outcome.is_ok());
         let target = Target {
             dataset: planned.map(PlannedSql::datasets).unwrap_or_default(),
             statement: Some(statement),
@@ -253,7 +254,7 @@ impl SqlService {
             Err(handle) => match self.open(&caller, handle) {
                 Ok(c) => c,
                 Err(e) => {
-                    self.audit(md, &caller, action, "", None, Err(&e), true).await?;
+                    self.audit(md, &caller, action, "", None, Err(&e)).await?;
                     return Err(e);
                 }
             },
@@ -261,7 +262,7 @@ impl SqlService {
         let planned = match self.plan(&caller, &claim).await {
             Ok(p) => p,
             Err(e) => {
-                self.audit(md, &caller, action, &claim.text, None, Err(&e), true).await?;
+                self.audit(md, &caller, action, &claim.text, None, Err(&e)).await?;
                 return Err(e);
             }
         };
@@ -279,7 +280,7 @@ impl SqlService {
             .with_descriptor(desc)
             .with_total_records(-1)
             .with_ordered(true);
-        self.audit(md, &caller, action, &statement, Some(&planned), Ok(&planned.reason()), true)
+        self.audit(md, &caller, action, &statement, Some(&planned), Ok(&planned.reason()))
             .await?;
         Ok(info)
     }
@@ -292,7 +293,7 @@ impl SqlService {
         let claim = match self.open(&caller, handle) {
             Ok(c) => c,
             Err(e) => {
-                self.audit(md, &caller, action, "", None, Err(&e), true).await?;
+                self.audit(md, &caller, action, "", None, Err(&e)).await?;
                 return Err(e);
             }
         };
@@ -300,32 +301,17 @@ impl SqlService {
         let planned = match self.plan(&caller, &claim).await {
             Ok(p) => p,
             Err(e) => {
-                self.audit(md, &caller, action, &claim.text, None, Err(&e), true).await?;
+                self.audit(md, &caller, action, &claim.text, None, Err(&e)).await?;
                 return Err(e);
             }
         };
         let id = self
-            .audit(md, &caller, action, &claim.text, Some(&planned), Ok(&planned.reason()), false)
+            .audit(md, &caller, action, &claim.text, Some(&planned), Ok(&planned.reason()))
             .await?;
         let schema = Arc::clone(&planned.schema);
         let counters = planned.touched.iter().map(|t| Arc::clone(&t.counters)).collect();
         let version = planned.consent_version();
-        let stream = match planned.df.execute_stream().await {
-            Ok(s) => s,
-            Err(e) => {
-                let done = Completion {
-                    rows_sent: 0,
-                    rows_withheld: 0,
-                    consent_version_last: version,
-                    ok: false,
-                };
-                if let Err(ae) = self.node.audit.complete(id, done).await {
-                    tracing::error!(error = %ae, audit_id = id, "could not complete audit entry");
-                }
-                return Err(Error::from(e));
-            }
-        };
-        let limited = LimitedStream::new(stream, &self.node.sql, started, planned.explain);
+        let limited = LimitedStream::new(planned, &self.node.queries, &self.node.sql, started);
         let audited = AuditedStream::new(Box::pin(limited), self.node.audit.clone(), id, counters, version);
         Ok(audited.encode(schema))
     }
@@ -357,8 +343,7 @@ impl SqlService {
         for name in crate::catalog::allowed_datasets(&self.node, &caller.principal, &caller.purpose) {
             if include_schema {
                 // A dataset whose source is broken is skipped here and reported when queried.
-                let Ok(guarded) =
-                    crate::catalog::guard(&self.node, &caller.principal, &caller.purpose, &name).await
+                let Ok(guarded) = crate::catalog::guard(&self.node, &caller.principal, &caller.purpose, &name).await
                 else {
                     continue;
                 };
@@ -397,7 +382,11 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         if query.transaction_id.is_some() {
-            return Err(Error::invalid("transactions are not supported", "send the query without a transaction id").into());
+            return Err(Error::invalid(
+                "transactions are not supported",
+                "send the query without a transaction id",
+            )
+            .into());
         }
         let claim = SqlClaim {
             text: query.query,
@@ -422,7 +411,11 @@ impl FlightSqlService for SqlService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> std::result::Result<Response<DoGetStream>, Status> {
-        status(self.statement_stream(request.metadata(), &ticket.statement_handle).await).map(Response::new)
+        status(
+            self.statement_stream(request.metadata(), &ticket.statement_handle)
+                .await,
+        )
+        .map(Response::new)
     }
 
     async fn do_get_prepared_statement(
@@ -446,7 +439,11 @@ impl FlightSqlService for SqlService {
         let action = audit::Action::SqlPrepare;
         let caller = status(self.authenticated(md, action).await)?;
         if query.transaction_id.is_some() {
-            return Err(Error::invalid("transactions are not supported", "prepare the query without a transaction id").into());
+            return Err(Error::invalid(
+                "transactions are not supported",
+                "prepare the query without a transaction id",
+            )
+            .into());
         }
         let claim = SqlClaim {
             text: query.query,
@@ -455,19 +452,22 @@ impl FlightSqlService for SqlService {
         let planned = match self.plan(&caller, &claim).await {
             Ok(p) => p,
             Err(e) => {
-                status(self.audit(md, &caller, action, &claim.text, None, Err(&e), true).await)?;
+                status(self.audit(md, &caller, action, &claim.text, None, Err(&e)).await)?;
                 return Err(e.into());
             }
         };
         // Parameter types DataFusion inferred ($1, $2, ...); unknown ones are Null.
-        let mut params: Vec<(usize, Field)> = status(planned.df.logical_plan().get_parameter_fields().map_err(Error::from))?
-            .into_iter()
-            .map(|(id, field)| {
-                let n = id.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX);
-                let dt = field.map(|f| f.data_type().clone()).unwrap_or(arrow::datatypes::DataType::Null);
-                (n, Field::new(id, dt, true))
-            })
-            .collect();
+        let mut params: Vec<(usize, Field)> =
+            status(planned.df.logical_plan().get_parameter_fields().map_err(Error::from))?
+                .into_iter()
+                .map(|(id, field)| {
+                    let n = id.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX);
+                    let dt = field
+                        .map(|f| f.data_type().clone())
+                        .unwrap_or(arrow::datatypes::DataType::Null);
+                    (n, Field::new(id, dt, true))
+                })
+                .collect();
         params.sort_by_key(|(n, _)| *n);
         let parameter_schema = Schema::new(params.into_iter().map(|(_, f)| f).collect::<Vec<_>>());
         let statement = claim.text.clone();
@@ -482,7 +482,7 @@ impl FlightSqlService for SqlService {
             },
         };
         status(
-            self.audit(md, &caller, action, &statement, Some(&planned), Ok(&planned.reason()), true)
+            self.audit(md, &caller, action, &statement, Some(&planned), Ok(&planned.reason()))
                 .await,
         )?;
         Ok(result)
@@ -569,9 +569,13 @@ impl FlightSqlService for SqlService {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         let md = request.metadata().clone();
-        status(self.metadata_info(&md, request.into_inner(), query.as_any(), &schema).await).map(Response::new)
+        status(
+            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
+                .await,
+        )
+        .map(Response::new)
     }
 
     async fn do_get_catalogs(
@@ -594,7 +598,11 @@ impl FlightSqlService for SqlService {
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
         let md = request.metadata().clone();
-        status(self.metadata_info(&md, request.into_inner(), query.as_any(), &schema).await).map(Response::new)
+        status(
+            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
+                .await,
+        )
+        .map(Response::new)
     }
 
     async fn do_get_schemas(
@@ -617,7 +625,11 @@ impl FlightSqlService for SqlService {
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
         let md = request.metadata().clone();
-        status(self.metadata_info(&md, request.into_inner(), query.as_any(), &schema).await).map(Response::new)
+        status(
+            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
+                .await,
+        )
+        .map(Response::new)
     }
 
     async fn do_get_tables(
@@ -633,9 +645,13 @@ impl FlightSqlService for SqlService {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         let md = request.metadata().clone();
-        status(self.metadata_info(&md, request.into_inner(), query.as_any(), &schema).await).map(Response::new)
+        status(
+            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
+                .await,
+        )
+        .map(Response::new)
     }
 
     async fn do_get_table_types(
@@ -659,7 +675,11 @@ impl FlightSqlService for SqlService {
         let infos = status(sql_info())?;
         let schema = query.clone().into_builder(&infos).schema();
         let md = request.metadata().clone();
-        status(self.metadata_info(&md, request.into_inner(), query.as_any(), &schema).await).map(Response::new)
+        status(
+            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
+                .await,
+        )
+        .map(Response::new)
     }
 
     async fn do_get_sql_info(

@@ -79,6 +79,8 @@ pub struct Node {
     pub ticket_ttl: Duration,
     /// Limits on governed SQL.
     pub sql: crate::sql::SqlOptions,
+    /// Threads that run SQL plans.
+    pub queries: crate::sql::QueryExecutor,
     pseudonym_master: Vec<u8>,
     /// Version of `pseudonym_master`, the first byte of every pseudonym.
     pseudonym_version: u8,
@@ -296,6 +298,9 @@ impl Node {
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             sql: crate::sql::SqlOptions::default(),
+            queries: crate::sql::QueryExecutor::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )?,
             pseudonym_master,
             pseudonym_version,
             snapshot: RwLock::new(Arc::new(empty)),

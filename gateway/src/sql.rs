@@ -25,7 +25,6 @@ use datafusion::common::config::Dialect;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
@@ -250,6 +249,12 @@ fn check_statement(stmt: &DfStatement) -> Result<()> {
                         .into(),
                 });
             }
+            if e.options.verbose || e.options.show_statistics == Some(true) {
+                return Err(Error::PermissionDenied {
+                    reason: "EXPLAIN VERBOSE and plan statistics are refused: they show row counts and value ranges of the raw sources below the policy gate; use EXPLAIN"
+                        .into(),
+                });
+            }
             check_statement(&e.statement)
         }
         DfStatement::CreateExternalTable(_) => Err(refused("`CREATE EXTERNAL TABLE`")),
@@ -336,32 +341,41 @@ pub async fn plan_sql(
     })
 }
 
-/// Hides the storage locations that physical plans print (`file_groups={...}`): the plan shape
-/// is the caller's to see, the steward's file layout is not.
+/// Hides what physical plans print about raw sources — storage locations (`file_groups={..}`)
+/// and statistics (`statistics=[..]`) — in plans and in error messages that quote plans: the plan
+/// shape is the caller's to see, the steward's file layout and raw row counts are not.
 pub fn redact_plan_text(text: &str) -> String {
-    const KEY: &str = "file_groups={";
+    let mut out = text.to_string();
+    for (key, open, close) in [("file_groups=", '{', '}'), ("statistics=", '[', ']')] {
+        out = redact_balanced(&out, key, open, close);
+    }
+    out
+}
+
+/// Replaces every `key<open>...<close>` (brackets balanced) with `key<redacted>`.
+fn redact_balanced(text: &str, key: &str, open: char, close: char) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.find(KEY) {
+    let pattern = format!("{key}{open}");
+    while let Some(at) = rest.find(&pattern) {
         out.push_str(&rest[..at]);
-        out.push_str("file_groups=<redacted>");
-        let after = &rest[at + KEY.len()..];
+        out.push_str(key);
+        out.push_str("<redacted>");
+        let after = &rest[at + pattern.len()..];
         let mut depth = 1usize;
         let mut end = after.len();
         for (i, ch) in after.char_indices() {
-            match ch {
-                '{' => depth += 1,
-                '}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = i + 1;
-                        break;
-                    }
+            if ch == open {
+                depth += 1;
+            } else if ch == close {
+                depth -= 1;
+                if depth == 0 {
+                    end = i + ch.len_utf8();
+                    break;
                 }
-                _ => {}
             }
         }
-        rest = &after[end.min(after.len())..];
+        rest = &after[end..];
     }
     out.push_str(rest);
     out
@@ -379,10 +393,59 @@ fn redact_batch(batch: RecordBatch) -> datafusion::error::Result<RecordBatch> {
     Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
+/// Threads that run SQL plans, apart from the runtime serving gRPC and REST (the dedicated
+/// executor of InfluxDB IOx): an operator that computes for long without yielding cannot delay
+/// deadlines, other requests or the audit.
+pub struct QueryExecutor {
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for QueryExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueryExecutor { .. }")
+    }
+}
+
+impl QueryExecutor {
+    /// A pool of `threads` worker threads.
+    pub fn new(threads: usize) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("passerelle-query")
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                op: "start query threads",
+                path: String::new(),
+                source,
+            })?;
+        Ok(Self { rt: Some(rt) })
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.rt.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+}
+
+impl Drop for QueryExecutor {
+    fn drop(&mut self) {
+        // Dropping a runtime from async code would block; let its threads wind down alone.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Enforces the deadline and the row limit on a result stream, names the memory limit when the
 /// pool refuses, and redacts `EXPLAIN` output.
+///
+/// The plan runs on the [`QueryExecutor`] and hands batches over a channel, so the deadline
+/// fires on time even while an operator computes for long without yielding; dropping the
+/// stream aborts the plan at its next yield point.
 pub struct LimitedStream {
-    inner: SendableRecordBatchStream,
+    rx: tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>,
+    task: tokio::task::AbortHandle,
+    schema: SchemaRef,
     deadline: Pin<Box<tokio::time::Sleep>>,
     opts: SqlOptions,
     rows: u64,
@@ -391,10 +454,38 @@ pub struct LimitedStream {
 }
 
 impl LimitedStream {
-    /// Wraps `inner`; the deadline runs from `started`.
-    pub fn new(inner: SendableRecordBatchStream, opts: &SqlOptions, started: tokio::time::Instant, explain: bool) -> Self {
+    /// Starts the plan on `executor` (or the current runtime); the deadline runs from `started`.
+    pub fn new(
+        planned: PlannedSql,
+        executor: &QueryExecutor,
+        opts: &SqlOptions,
+        started: tokio::time::Instant,
+    ) -> Self {
+        let (schema, explain) = (Arc::clone(&planned.schema), planned.explain);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let run = async move {
+            // Executing inside the task puts the plan's own tasks on the same threads.
+            let mut inner = match planned.df.execute_stream().await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            while let Some(item) = inner.next().await {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let task = match executor.handle() {
+            Some(h) => h.spawn(run).abort_handle(),
+            None => tokio::spawn(run).abort_handle(),
+        };
         Self {
-            inner,
+            rx,
+            task,
+            schema,
             deadline: Box::pin(tokio::time::sleep_until(started + opts.timeout())),
             opts: opts.clone(),
             rows: 0,
@@ -405,7 +496,14 @@ impl LimitedStream {
 
     fn fail(&mut self, message: String) -> Poll<Option<datafusion::error::Result<RecordBatch>>> {
         self.done = true;
+        self.task.abort();
         Poll::Ready(Some(Err(DataFusionError::ResourcesExhausted(message))))
+    }
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -422,7 +520,7 @@ impl Stream for LimitedStream {
                 "query ran longer than sql.timeout_secs = {secs}; add a filter, a LIMIT or aggregate"
             ));
         }
-        match self.inner.poll_next_unpin(cx) {
+        match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(batch))) => {
                 self.rows += batch.num_rows() as u64;
                 if self.rows > self.opts.max_rows {
@@ -437,9 +535,12 @@ impl Stream for LimitedStream {
                     Poll::Ready(Some(Ok(batch)))
                 }
             }
-            Poll::Ready(Some(Err(DataFusionError::ResourcesExhausted(m)))) => {
+            Poll::Ready(Some(Err(e))) if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) => {
                 let mb = self.opts.memory_limit_mb;
-                self.fail(format!("query needs more than sql.memory_limit_mb = {mb} MiB ({m})"))
+                self.fail(format!(
+                    "query needs more than sql.memory_limit_mb = {mb} MiB; add a filter or aggregate less finely ({})",
+                    e.find_root()
+                ))
             }
             Poll::Ready(None) => {
                 self.done = true;
@@ -452,7 +553,7 @@ impl Stream for LimitedStream {
 
 impl RecordBatchStream for LimitedStream {
     fn schema(&self) -> SchemaRef {
-        self.inner.schema()
+        Arc::clone(&self.schema)
     }
 }
 
@@ -468,6 +569,11 @@ mod tests {
             "DataSourceExec: file_groups=<redacted>, projection=[a], file_type=parquet"
         );
         assert_eq!(redact_plan_text("EnforceExec: x"), "EnforceExec: x");
+        assert_eq!(
+            redact_plan_text("DataSourceExec: x, statistics=[Rows=Exact(20000), [(Col[0]: Min=Exact(1))]]"),
+            "DataSourceExec: x, statistics=<redacted>"
+        );
+        assert_eq!(redact_plan_text("file_groups={unclosed"), "file_groups=<redacted>");
     }
 
     #[test]

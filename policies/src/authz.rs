@@ -452,8 +452,6 @@ mod tests {
             purpose: Purpose::parse(purpose).unwrap(),
             expires: expires.map(|e| DateTime::parse_from_rfc3339(e).unwrap().with_timezone(&Utc)),
             special_category: false,
-            release: crate::Release::Rows,
-            min_group_size: crate::DEFAULT_MIN_GROUP_SIZE,
         }
     }
     fn p(s: &str) -> Purpose {

@@ -537,8 +537,8 @@ mod tests {
             purposes: vec![Purpose::parse("research").unwrap()],
             columns,
             special_category: false,
-            release: crate::Release::Rows,
-            min_group_size: crate::DEFAULT_MIN_GROUP_SIZE,
+            release: Release::Rows,
+            min_group_size: DEFAULT_MIN_GROUP_SIZE,
         }
     }
 

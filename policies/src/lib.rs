@@ -26,8 +26,8 @@ pub mod purpose;
 
 pub use authz::{Authorizer, Decision, Permit, Principal, Role};
 pub use classification::{
-    ColumnClass, ColumnPolicy, DEFAULT_MIN_GROUP_SIZE, DatasetId, DatasetPolicy, Generalisation, LegalBasis, Mask, MemberState, Release,
-    Treatment,
+    ColumnClass, ColumnPolicy, DEFAULT_MIN_GROUP_SIZE, DatasetId, DatasetPolicy, Generalisation, LegalBasis, Mask,
+    MemberState, Release, Treatment,
 };
 pub use error::{Error, Result};
 pub use purpose::Purpose;

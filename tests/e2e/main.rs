@@ -9,4 +9,5 @@ mod config;
 mod flight;
 mod policy;
 mod reference;
+mod sql;
 mod withdrawal;

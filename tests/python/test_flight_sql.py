@@ -40,11 +40,12 @@ from typing import Any, Iterable, Sequence
 import adbc_driver_flightsql.dbapi as dbapi
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (DATASET, OTHER_PURPOSE, PSEUDONYM_RE, PURPOSE, PURPOSE_HEADER, RELEASED_COLUMNS,
+from conftest import (DATASET, OTHER_PURPOSE, PSEUDONYM_RE, PURPOSE, PURPOSE_HEADER, REGISTRY, RELEASED_COLUMNS,
                       STARTUP_DEADLINE, Gateway, Reference, _read_json_file, assert_same_multiset, call_options,
                       expect_status, groups_by_pseudonym, is_string_type, output_row, path_descriptor,
                       poll_until, pull, released_row, stop_process)
@@ -70,8 +71,8 @@ GO_CODES = {
     "Unimplemented": "UNIMPLEMENTED", "Internal": "INTERNAL", "Unavailable": "UNAVAILABLE", "DataLoss": "DATA_LOSS",
     "Unauthenticated": "UNAUTHENTICATED",
 }
-_ADBC_ERROR_RE = re.compile(r"\[FlightSQL\] (?P<msg>.*) \((?P<code>" + "|".join(GO_CODES) + r"); (?P<call>[^()]*)\)\s*$",
-                            re.S)
+_ADBC_ERROR_RE = re.compile(
+    r"\[FlightSQL\] (?P<msg>.*) \((?P<code>" + "|".join(GO_CODES) + r"); (?P<call>[^()]*)\)\s*$", re.S)
 # The DB-API class the ADBC driver raises for each gRPC status (measured, see the module docstring).
 EXPECTED_CLASS = {
     "PERMISSION_DENIED": dbapi.ProgrammingError, "NOT_FOUND": dbapi.ProgrammingError,
@@ -210,7 +211,7 @@ def flight_sql_pull(client: flight.FlightClient, sql: str, options: flight.Fligh
     return info, (pa.concat_tables(tables) if tables else info.schema.empty_table())
 
 
-# --- the reference model, for SQL results ------------------------------------------------------------------------------
+# --- the reference model, for SQL results -----------------------------------------------------------------------------
 
 def diagnosis_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
     return dict(Counter(r["diagnosis"] for r in rows))
@@ -414,6 +415,17 @@ def test_window_functions_see_only_consented_rows(conn, consented_rows):
                           for r in sent_rows(t)), expected, "(diagnosis, hba1c, admitted_at, row_number, rank, size)")
 
 
+def test_window_over_the_whole_table(conn, consented_rows):
+    """A window without PARTITION BY: row_number and lag in time order over the released rows only."""
+    t = run_sql(conn, f"""
+        SELECT admitted_at, row_number() OVER (ORDER BY admitted_at) AS rn,
+               lag(admitted_at) OVER (ORDER BY admitted_at) AS prev
+        FROM {DATASET}""")
+    times = sorted(r["admitted_at"] for r in consented_rows)
+    expected = [(ts, i + 1, times[i - 1] if i else None) for i, ts in enumerate(times)]
+    assert sorted((r["admitted_at"], r["rn"], r["prev"]) for r in sent_rows(t)) == expected
+
+
 def test_duckdb_over_the_fetched_arrow_table(conn, consented_rows):
     """The ecosystem works unchanged: DuckDB queries the Arrow table ADBC fetched."""
     with conn.cursor() as cur:
@@ -518,7 +530,8 @@ def test_get_objects_lists_the_visible_dataset_with_its_released_columns(conn):
 def test_get_objects_filters(conn):
     tables = conn.adbc_get_objects(depth="tables", catalog_filter=CATALOG, db_schema_filter=DB_SCHEMA,
                                    table_name_filter="demo%").read_all().to_pylist()
-    names = [t["table_name"] for c in tables for s in c["catalog_db_schemas"] or [] for t in s["db_schema_tables"] or []]
+    names = [t["table_name"] for c in tables for sch in c["catalog_db_schemas"] or []
+             for t in sch["db_schema_tables"] or []]
     assert names == [DATASET]
     schemas = conn.adbc_get_objects(depth="db_schemas").read_all().to_pylist()
     assert [(c["catalog_name"], [s["db_schema_name"] for s in c["catalog_db_schemas"]]) for c in schemas] == \
@@ -893,7 +906,11 @@ def assert_no_storage_paths(gw: Gateway, text: str) -> None:
     f"SELECT count(*) FROM {DATASET}",
     f"SELECT a.diagnosis, count(*) FROM {DATASET} a JOIN {DATASET} b ON a.patient_id = b.patient_id GROUP BY 1",
     f"SELECT * FROM {DATASET} WHERE 1 / (CASE WHEN hba1c = 7.1 THEN 0 ELSE 1 END) = 1 ORDER BY admitted_at LIMIT 5",
-], ids=["filter", "group-by", "count", "self-join", "division-probe"])
+    f"SELECT row_number() OVER (ORDER BY admitted_at) FROM {DATASET}",
+    f"SELECT row_number() OVER (ORDER BY 1 / (CASE WHEN hba1c = 7.1 THEN 0 ELSE 1 END)) FROM {DATASET}",
+    f"SELECT * FROM {DATASET} ORDER BY 1 / (CASE WHEN hba1c = 7.1 THEN 0 ELSE 1 END) LIMIT 5",
+], ids=["filter", "group-by", "count", "self-join", "division-probe", "window-order", "window-expression",
+        "order-by-expression"])
 def test_explain_shows_the_gate_above_every_scan_and_no_paths(gateway: Gateway, conn, sql):
     plans = _plan_text(conn, f"EXPLAIN {sql}")
     physical = plans.get("physical_plan")
@@ -901,6 +918,55 @@ def test_explain_shows_the_gate_above_every_scan_and_no_paths(gateway: Gateway, 
     assert_gate_above_every_scan(physical)
     for text in plans.values():
         assert_no_storage_paths(gateway, text)
+
+
+@pytest.mark.parametrize("sql", [
+    f"SELECT row_number() OVER (ORDER BY admitted_at) FROM {DATASET}",
+    f"SELECT row_number() OVER (ORDER BY hba1c * 2) FROM {DATASET}",
+    f"SELECT CAST(diagnosis AS INT) FROM {DATASET}",
+    f"SELECT no_such_function(hba1c) FROM {DATASET}",
+    f"SELECT * FROM {DATASET} a JOIN {DATASET} b USING (no_such_column)",
+], ids=["window", "window-expression", "cast", "unknown-function", "bad-join"])
+def test_errors_show_no_storage_paths(gateway: Gateway, conn, sql):
+    """Whatever fails while planning or running a query (including DataFusion's own plan checks, which print the
+    plan), the message never shows the node's storage paths."""
+    try:
+        run_sql(conn, sql)
+    except dbapi.Error as exc:
+        err = parse_adbc_error(exc)
+        assert_no_storage_paths(gateway, err.message)
+        assert err.code != "INTERNAL" or "request id" in err.message, err
+
+
+def test_table_name_typos_suggest_no_hidden_dataset(gateway: Gateway, second_org):
+    """DataFusion may suggest similar table names: never one the caller may not see."""
+    with adbc_connect(gateway, key=second_org["noperm"]) as c:
+        err = expect_sql_error(c, "SELECT * FROM demo_patient", {"NOT_FOUND"})
+    assert DATASET not in err.message, err
+
+
+@pytest.mark.parametrize("sql", ["SHOW TABLES", "SHOW ALL", f"DESCRIBE {DATASET}", f"SHOW COLUMNS FROM {DATASET}"])
+def test_show_and_describe_reveal_nothing_hidden(gateway: Gateway, conn, second_org, sql):
+    """Refused, or answered with visible things only: no hidden column for trainer-de, no hidden table for
+    trainer-noperm."""
+    try:
+        text = json.dumps(run_sql(conn, sql).to_pylist(), default=str)
+    except dbapi.Error as exc:
+        err = parse_adbc_error(exc)
+        assert err.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT", "NOT_FOUND", "UNIMPLEMENTED"), err
+    else:
+        assert "full_name" not in text, f"{sql} shows a withheld column: {text[:500]}"
+        assert_no_storage_paths(gateway, text)
+    with adbc_connect(gateway, key=second_org["noperm"]) as c:
+        try:
+            text = json.dumps(run_sql(c, sql).to_pylist(), default=str)
+        except dbapi.Error as exc:
+            err = parse_adbc_error(exc)
+            assert err.code in ("PERMISSION_DENIED", "INVALID_ARGUMENT", "NOT_FOUND", "UNIMPLEMENTED"), err
+            if err.code == "NOT_FOUND" and DATASET in sql:
+                assert err.message == nonexistent_table_message(c, DATASET), err
+        else:
+            assert DATASET not in text, f"{sql} shows a dataset trainer-noperm may not see: {text[:500]}"
 
 
 def test_explain_verbose_shows_no_paths(gateway: Gateway, conn):
@@ -913,6 +979,122 @@ def test_explain_verbose_shows_no_paths(gateway: Gateway, conn):
         return
     for text in plans.values():
         assert_no_storage_paths(gateway, text)
+
+
+# ======================================================================================================================
+# Prepared statement handles (raw Flight SQL through pyarrow)
+# ======================================================================================================================
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def _proto_fields(buf: bytes) -> dict[int, list[Any]]:
+    """A minimal protobuf decoder: field number -> values (varints as int, length-delimited as bytes)."""
+    out: dict[int, list[Any]] = defaultdict(list)
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+        elif wire == 2:
+            n, i = _read_varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        out[number].append(value)
+    return out
+
+
+def create_prepared_statement(client: flight.FlightClient, sql: str, options: flight.FlightCallOptions) -> bytes:
+    """DoAction CreatePreparedStatement; returns the handle."""
+    body = _bytes_field(1, b"type.googleapis.com/arrow.flight.protocol.sql.ActionCreatePreparedStatementRequest") \
+        + _bytes_field(2, _bytes_field(1, sql.encode()))
+    results = list(client.do_action(flight.Action("CreatePreparedStatement", body), options))
+    assert len(results) == 1, results
+    any_msg = _proto_fields(results[0].body.to_pybytes())
+    assert any_msg[1][0].endswith(b"ActionCreatePreparedStatementResult"), any_msg
+    return _proto_fields(any_msg[2][0])[1][0]
+
+
+def prepared_pull(client: flight.FlightClient, handle: bytes, options: flight.FlightCallOptions
+                  ) -> tuple[flight.FlightInfo, pa.Table]:
+    info = client.get_flight_info(flight_sql_command("CommandPreparedStatementQuery", _bytes_field(1, handle)),
+                                  options)
+    tables = [client.do_get(ep.ticket, options).read_all() for ep in info.endpoints]
+    return info, (pa.concat_tables(tables) if tables else info.schema.empty_table())
+
+
+def _refused(call) -> str:
+    """The call must fail with a status that carries no data (pyarrow's class for it)."""
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowKeyError, flight.FlightUnauthorizedError,
+                        flight.FlightUnauthenticatedError)) as info:
+        call()
+    return str(info.value)
+
+
+def test_prepared_handles_grant_nothing_by_themselves(gateway: Gateway, client, second_org, consented_rows):
+    """A handle is not a capability: presented by a principal without access, under another purpose, or tampered
+    with, it yields no data; a ticket of the statement is refused to another principal."""
+    de = call_options(gateway.keys["trainer-de"])
+    handle = create_prepared_statement(client, f"SELECT count(*) AS n FROM {DATASET}", de)
+    info, table = prepared_pull(client, handle, de)
+    assert table.column("n")[0].as_py() == len(consented_rows)
+
+    noperm = call_options(second_org["noperm"])
+    _refused(lambda: prepared_pull(client, handle, noperm))
+    _refused(lambda: prepared_pull(client, handle, call_options(gateway.keys["trainer-de"], OTHER_PURPOSE)))
+    _refused(lambda: client.do_get(info.endpoints[0].ticket, noperm).read_all())
+    for tampered in (handle[:-1] + bytes([handle[-1] ^ 1]), handle[: len(handle) // 2], b"garbage"):
+        _refused(lambda h=tampered: prepared_pull(client, h, de))
+
+
+def test_prepared_handle_of_another_org_gets_its_own_pseudonyms(gateway: Gateway, client, second_org):
+    """Presented by embl (with a permit of its own), trainer-de's handle either is refused or runs as embl would:
+    embl's pseudonyms, never dkfz's."""
+    sql = f"SELECT patient_id FROM {DATASET} ORDER BY admitted_at LIMIT 5"
+    de, embl = call_options(gateway.keys["trainer-de"]), call_options(second_org["embl"])
+    handle = create_prepared_statement(client, sql, de)
+    dkfz_ids = prepared_pull(client, handle, de)[1].column(0).to_pylist()
+    try:
+        _, table = prepared_pull(client, handle, embl)
+    except (pa.ArrowInvalid, pa.ArrowKeyError, flight.FlightUnauthorizedError):
+        return
+    embl_own = flight_sql_pull(client, sql, embl)[1].column(0).to_pylist()
+    assert table.column(0).to_pylist() == embl_own and not set(embl_own) & set(dkfz_ids)
+
+
+# ======================================================================================================================
+# Consent changes reach SQL (scratch server)
+# ======================================================================================================================
+
+def test_withdrawal_reaches_sql_within_a_second(scratch_gateway: Gateway):
+    gw = scratch_gateway
+    s = gw.take_subject(consented=True)
+    ref = gw.reference
+    micros = pc.cast(ref.raw.column("admitted_at"), pa.int64()).to_pylist()
+    mine = [m for m, r in zip(micros, ref.rows) if str(r["patient_id"]) == s]
+    probe = f"SELECT count(*) FROM {DATASET} WHERE CAST(admitted_at AS BIGINT) IN ({', '.join(map(str, mine))})"
+    with adbc_connect(gw, key=gw.keys["trainer-de"]) as c:
+        total = scalar(c, f"SELECT count(*) FROM {DATASET}")
+        assert scalar(c, probe) == len(mine) > 0, "precondition: the subject's rows are sent"
+        gw.cli("consent", "withdraw", "--registry", REGISTRY, "--subject", s, "--purpose", PURPOSE)
+        _, seconds = poll_until(lambda: scalar(c, probe) == 0, deadline=3.0, interval=0.05,
+                                what=f"subject {s}'s rows leave SQL results")
+        assert seconds <= 1.5, f"the withdrawal took {seconds:.2f} s to reach SQL"
+        assert scalar(c, f"SELECT count(*) FROM {DATASET}") == total - len(mine)
 
 
 # ======================================================================================================================

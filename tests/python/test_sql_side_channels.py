@@ -81,6 +81,7 @@ class World:
     hidden_iso: set[str]  # hidden rows' admitted_at, to the second, as "YYYY-MM-DDTHH:MM:SS" and with a space
     full_names: set[str]
     raw_birth_dates: set[str]  # raw birth dates that are not Jan 1 (the released view has only Jan 1)
+    storage: tuple[str, ...]  # how the node's storage paths would show in a message
 
     def value(self, row: dict[str, Any]) -> Value:
         return Value(self.micros[row["_i"]], row["admitted_at"])
@@ -126,7 +127,13 @@ def world(reference: Reference) -> World:
         hidden_withdrawn=pick(withdrew), hidden_never=pick(never), visible=pick(consented), hidden_iso=hidden_iso,
         full_names={r["full_name"] for r in rows},
         raw_birth_dates={r["birth_date"].isoformat() for r in rows if (r["birth_date"].month, r["birth_date"].day)
-                         != (1, 1)})
+                         != (1, 1)},
+        storage=_storage_markers(ref))
+
+
+def _storage_markers(ref: Reference) -> tuple[str, ...]:
+    data_dir = str(ref.parquet_path.resolve().parents[2])  # <data-dir>/demo/patients/patients.parquet
+    return (data_dir, data_dir.lstrip("/"), ref.parquet_path.name, "demo/patients/", ref.consent_path.name)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +190,8 @@ def assert_no_hidden_values(world: World, text: str | None, literals: tuple[str,
     assert not names, f"{what}: the message carries full names {names[:3]}: {text!r}"
     births = [d for d in re.findall(r"\d{4}-\d{2}-\d{2}", text) if d in world.raw_birth_dates]
     assert not births, f"{what}: the message carries raw birth dates {births[:3]}: {text!r}"
+    paths = [m for m in world.storage if m in text]
+    assert not paths, f"{what}: the message shows the node's storage paths {paths}: {text!r}"
 
 
 # ------------------------------------------------------------------------------------------------------ the probes
@@ -218,6 +227,16 @@ PROBES = {
                     f"WHERE CAST(d.admitted_at AS BIGINT) = {{v}})", +1),
     "window": Probe(f"SELECT max(r) AS r FROM (SELECT row_number() OVER (ORDER BY admitted_at) AS r, {P} AS t "
                     f"FROM {T}) w WHERE t = {{v}}", +1),
+    "div-zero-order-by": Probe(f"SELECT {P} AS t FROM {T} ORDER BY {_div(f'{P} = {{v}}')}, admitted_at LIMIT 3", +1),
+    "div-zero-window": Probe(f"SELECT max(r) AS r FROM (SELECT row_number() OVER "
+                             f"(ORDER BY {_div(f'{P} = {{v}}')}) AS r FROM {T}) w", +1),
+    "div-zero-partition": Probe(f"SELECT max(r) AS r FROM (SELECT row_number() OVER "
+                                f"(PARTITION BY {_div(f'{P} = {{v}}')} ORDER BY admitted_at) AS r FROM {T}) w", +1),
+    "in-subquery": Probe(f"SELECT count(*) AS n FROM {T} WHERE {P} IN (SELECT column1 FROM (VALUES ({{v}})) v)", +1),
+    # counted, so that the literal itself (which differs between V and its neighbours) is not in the answer
+    "intersect": Probe(f"SELECT count(*) AS n FROM (SELECT {P} AS t FROM {T} INTERSECT "
+                       f"SELECT CAST({{v}} AS BIGINT)) x", +1),
+    "except": Probe(f"SELECT count(*) AS n FROM (SELECT CAST({{v}} AS BIGINT) AS t EXCEPT SELECT {P} FROM {T}) x", +1),
     "next-row": Probe(f"SELECT {P} AS t, diagnosis, hba1c FROM {T} WHERE {P} >= {{v}} ORDER BY admitted_at LIMIT 1",
                       +1, local=True),
     "max-below": Probe(f"SELECT max({P}) AS t, count(*) AS n FROM {T} WHERE {P} <= {{v}}", -1, local=True),
@@ -268,6 +287,26 @@ def test_probe_discriminates_on_a_visible_value(conn, world: World, name):
     visible, _ = respond(conn, v.sql(probe.sql), v.literals)
     absent, _ = respond(conn, w.sql(probe.sql), w.literals)
     assert visible != absent, f"probe {name!r} does not tell a visible row from a missing one: {visible}"
+
+
+def test_bound_parameters_probe_like_literals(conn, world: World):
+    """The division probe with V bound as a prepared-statement parameter (`$1`, no constant folding possible)."""
+    sql = f"SELECT count(*) AS n FROM {T} WHERE {_div(f'{P} = $1')} = 1"
+
+    def ask(v: int) -> Response:
+        try:
+            t = run_sql(conn, sql, parameters=(v,))
+        except dbapi.Error as exc:
+            err = parse_adbc_error(exc)
+            assert_no_hidden_values(world, err.message, (str(v),), "parameter probe")
+            return Response(False, (), err.cls, err.code, normalise(err.message, (str(v),)))
+        return Response(True, tuple(tuple(r.values()) for r in t.to_pylist()), None, None, None)
+
+    for row in (world.hidden_withdrawn, world.hidden_never):
+        v = world.value(row).micros
+        assert ask(v) == ask(v - 1) == ask(v + 1), f"a bound hidden value {v} answers unlike missing ones"
+    visible = world.value(world.visible).micros
+    assert ask(visible) != ask(visible + 1), "probe validity: a visible value must answer differently"
 
 
 def test_division_by_zero_on_a_visible_row_is_a_clean_error(conn, world: World):

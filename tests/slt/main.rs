@@ -109,16 +109,22 @@ impl AsyncDB for FlightSqlDb {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| SltError(e.to_string()))?;
             for row in 0..batch.num_rows() {
-                rows.push(
-                    formatters
-                        .iter()
-                        .map(|f| {
-                            // Plans end with a newline; trailing whitespace is not part of the result.
-                            let v = f.value(row).to_string().trim_end().to_string();
-                            if v.is_empty() { "(empty)".to_string() } else { v }
-                        })
-                        .collect(),
-                );
+                let values: Vec<String> = formatters
+                    .iter()
+                    .map(|f| {
+                        // Plans end with a newline; trailing whitespace is not part of the result.
+                        let v = f.value(row).to_string().trim_end().to_string();
+                        if v.is_empty() { "(empty)".to_string() } else { v }
+                    })
+                    .collect();
+                // Multi-line values (plans) become one result line per text line, as the
+                // runner compares line by line.
+                let joined = values.join(" ");
+                if joined.contains('\n') {
+                    rows.extend(joined.lines().map(|l| vec![l.to_string()]));
+                } else {
+                    rows.push(values);
+                }
             }
         }
         Ok(DBOutput::Rows { types, rows })
@@ -148,7 +154,10 @@ async fn run(complete: bool) -> anyhow::Result<usize> {
     for file in &files {
         let (gw, keys) = (std::sync::Arc::clone(&gw), keys.clone());
         let mut runner = Runner::new(move || FlightSqlDb::connect(std::sync::Arc::clone(&gw), keys.clone()));
-        let name = file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let outcome = if complete {
             runner
                 .update_test_file(
@@ -161,7 +170,10 @@ async fn run(complete: bool) -> anyhow::Result<usize> {
                 .await
                 .map_err(|e| e.to_string())
         } else {
-            runner.run_file_async(file).await.map_err(|e| e.display(true).to_string())
+            runner
+                .run_file_async(file)
+                .await
+                .map_err(|e| e.display(true).to_string())
         };
         match outcome {
             Ok(()) => println!("slt {name} ... ok"),

@@ -96,7 +96,14 @@ pub async fn add_sql_fixtures(gw: &TestGateway, subjects: u64) -> anyhow::Result
         .await?;
     let events = (0..subjects)
         .filter(|s| s % 2 == 0)
-        .map(|s| ConsentEvent::parse(&s.to_string(), "research/ai-training", "granted", "2024-01-01T00:00:00Z"))
+        .map(|s| {
+            ConsentEvent::parse(
+                &s.to_string(),
+                "research/ai-training",
+                "granted",
+                "2024-01-01T00:00:00Z",
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     gw.node.append_consent(VISITS_REGISTRY, &events).await?;
     for ds in [VISITS, VISITS_AGG] {

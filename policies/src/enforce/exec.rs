@@ -110,8 +110,11 @@ impl ExecutionPlan for EnforceExec {
         Ok(TreeNodeRecursion::Continue)
     }
 
+    /// `false` although the gate keeps row order: a sort the optimiser may push below an
+    /// order-preserving node would evaluate user expressions (`ORDER BY 1/(x - 7)`) on rows the
+    /// caller may not see. Sorts stay above the gate.
     fn maintains_input_order(&self) -> Vec<bool> {
-        vec![true]
+        vec![false]
     }
 
     fn with_new_children(
