@@ -62,6 +62,8 @@ pub enum Action {
     SqlPrepare,
     /// Flight SQL: catalog, schema and table listings.
     SqlMetadata,
+    /// Flight Handshake (login).
+    Handshake,
 }
 
 impl Action {
@@ -74,6 +76,7 @@ impl Action {
             Action::SqlQuery => "sql_query",
             Action::SqlPrepare => "sql_prepare",
             Action::SqlMetadata => "sql_metadata",
+            Action::Handshake => "handshake",
         }
     }
 }

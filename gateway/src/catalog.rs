@@ -241,6 +241,9 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
             )
         })?;
     }
+    // The floor counts what this stream releases: after the caller's filter, before the
+    // column selection (quasi-identifiers count even when not requested).
+    df = passerelle_policies::enforce::k_floor(df, &policy)?;
     if let Some(cols) = &cmd.columns {
         let names: Vec<&str> = cols.iter().map(String::as_str).collect();
         df = df.select_columns(&names)?;

@@ -293,7 +293,7 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
     Ok(true)
 }
 
-/// The pyarrow snippet `serve --demo` prints.
+/// The pyarrow and ADBC snippet `serve --demo` prints.
 pub fn snippet(flight_addr: &str, trainer_key: &str) -> String {
     format!(
         r#"
@@ -305,6 +305,15 @@ opts = fl.FlightCallOptions(headers=[(b"authorization", b"Bearer {trainer_key}")
 info = client.get_flight_info(fl.FlightDescriptor.for_path("{DEMO_DATASET}"), opts)
 table = client.do_get(info.endpoints[0].ticket, opts).read_all()
 print(table.num_rows, table.schema)
+
+# Or query it with SQL over Flight SQL (pip install adbc-driver-flightsql pyarrow):
+import adbc_driver_flightsql.dbapi as flight_sql
+conn = flight_sql.connect("grpc://{flight_addr}", db_kwargs={{
+    "adbc.flight.sql.authorization_header": "Bearer {trainer_key}",
+    "adbc.flight.sql.rpc.call_header.x-passerelle-purpose": "research/ai-training"}})
+cur = conn.cursor()
+cur.execute("SELECT diagnosis, count(*) AS n, avg(hba1c) FROM {DEMO_DATASET} GROUP BY diagnosis")
+print(cur.fetch_arrow_table())
 "#
     )
 }

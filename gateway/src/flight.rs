@@ -373,14 +373,26 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<Streaming<HandshakeRequest>>,
     ) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
-        let md = request.metadata();
-        let value = header(md, "authorization").ok_or(Error::Unauthenticated {
-            reason: "missing authorization header",
-        })?;
-        let principal = self.node.authenticate(Some(value))?;
-        let key = match crate::auth::parse_authorization(value)? {
-            crate::auth::Credentials::Bearer(k) => k,
-            crate::auth::Credentials::Basic { key, .. } => key,
+        let md = request.metadata().clone();
+        let login = || -> Result<(Principal, String)> {
+            let value = header(&md, "authorization").ok_or(Error::Unauthenticated {
+                reason: "missing authorization header",
+            })?;
+            let principal = self.node.authenticate(Some(value))?;
+            let key = match crate::auth::parse_authorization(value)? {
+                crate::auth::Credentials::Bearer(k) => k,
+                crate::auth::Credentials::Basic { key, .. } => key,
+            };
+            Ok((principal, key))
+        };
+        // Failed logins are audited; successful ones are logged (each later call is audited).
+        let (principal, key) = match login() {
+            Ok(ok) => ok,
+            Err(e) => {
+                let target = Target::default();
+                record(&self.node, &md, None, audit::Action::Handshake, &target, Err(&e), true).await?;
+                return Err(e.into());
+            }
         };
         tracing::info!(principal = %principal.name, "handshake");
         let bearer = format!("Bearer {key}")

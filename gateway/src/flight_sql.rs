@@ -494,7 +494,7 @@ impl FlightSqlService for SqlService {
         request: Request<Action>,
     ) -> std::result::Result<(), Status> {
         // Handles are stateless; closing only checks that the handle is the caller's.
-        let caller = status(caller(&self.node, request.metadata()))?;
+        let caller = status(self.authenticated(request.metadata(), audit::Action::SqlPrepare).await)?;
         status(self.open(&caller, &query.prepared_statement_handle))?;
         Ok(())
     }
@@ -505,7 +505,7 @@ impl FlightSqlService for SqlService {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> std::result::Result<DoPutPreparedStatementResult, Status> {
-        let caller = status(caller(&self.node, request.metadata()))?;
+        let caller = status(self.authenticated(request.metadata(), audit::Action::SqlPrepare).await)?;
         let mut claim = status(self.open(&caller, &query.prepared_statement_handle))?;
         let stream = FlightRecordBatchStream::new_from_flight_data(request.into_inner().map_err(FlightError::from));
         let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| {

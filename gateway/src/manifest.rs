@@ -47,6 +47,10 @@ pub struct Manifest {
     /// Smallest group released by an aggregates-only dataset (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_group_size: Option<u32>,
+    /// Suppress rows whose released quasi-identifier values occur fewer than k times in the
+    /// stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k_anonymity: Option<u32>,
 }
 
 const MANIFEST_HINT: &str = "see the manifest format in the README (name, location, format, member_state, controller, subject_column, legal_basis, purposes, [columns])";
@@ -85,6 +89,7 @@ impl Manifest {
             special_category: self.special_category,
             release: self.release,
             min_group_size: self.min_group_size.unwrap_or(DEFAULT_MIN_GROUP_SIZE),
+            k_anonymity: self.k_anonymity,
         }
     }
 }

@@ -81,9 +81,9 @@ pub struct Node {
     pub sql: crate::sql::SqlOptions,
     /// Threads that run SQL plans.
     pub queries: crate::sql::QueryExecutor,
-    pseudonym_master: Vec<u8>,
-    /// Version of `pseudonym_master`, the first byte of every pseudonym.
-    pseudonym_version: u8,
+    /// The pseudonym master key and its version (the first byte of every pseudonym); swapped
+    /// by `refresh` when `keys rotate-pseudonym` installs a new one.
+    pseudonym_key: RwLock<(Arc<Vec<u8>>, u8)>,
     snapshot: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
     /// One refresh at a time, so a slow refresh cannot put back an older snapshot.
@@ -236,7 +236,8 @@ fn pseudonym_key_version(data_dir: &Path) -> Result<u8> {
 
 /// Rotates the pseudonym master key: the old key is kept as `pseudonym.key.v<N>` and a new one
 /// with version N+1 is made. New pseudonyms start with the new version byte, so recipients can
-/// tell old from new. Servers pick the new key up when restarted. Returns the new version.
+/// tell old from new. Running servers pick the new key up within a refresh interval. Returns the
+/// new version.
 pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
     let current = pseudonym_key_version(data_dir)?;
     let next = current.checked_add(1).ok_or_else(|| {
@@ -301,8 +302,7 @@ impl Node {
             queries: crate::sql::QueryExecutor::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )?,
-            pseudonym_master,
-            pseudonym_version,
+            pseudonym_key: RwLock::new((Arc::new(pseudonym_master), pseudonym_version)),
             snapshot: RwLock::new(Arc::new(empty)),
             changed,
             refreshing: tokio::sync::Mutex::new(()),
@@ -321,7 +321,34 @@ impl Node {
         let _one_at_a_time = self.refreshing.lock().await;
         let metadata = self.refresh_metadata().await;
         let consent = self.refresh_consent().await;
-        metadata.and(consent)
+        let keys = self.refresh_pseudonym_key();
+        metadata.and(consent).and(keys)
+    }
+
+    /// Picks up a rotated pseudonym key. `rotate_pseudonym_key` installs the key before the
+    /// version file, so a version change always finds its key in place; streams already open
+    /// keep the key they started with.
+    fn refresh_pseudonym_key(&self) -> Result<()> {
+        let version = pseudonym_key_version(&self.data_dir)?;
+        let current = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner()).1;
+        if version == current {
+            return Ok(());
+        }
+        let path = self.data_dir.join("pseudonym.key");
+        let key = std::fs::read(&path).map_err(|source| Error::Io {
+            op: "read pseudonym key",
+            path: path.display().to_string(),
+            source,
+        })?;
+        if key.len() < 32 {
+            return Err(Error::Internal(format!(
+                "`{}` is shorter than 32 bytes",
+                path.display()
+            )));
+        }
+        *self.pseudonym_key.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(key), version);
+        tracing::info!(version, "pseudonym key rotated");
+        Ok(())
     }
 
     async fn refresh_metadata(&self) -> Result<()> {
@@ -443,7 +470,11 @@ impl Node {
 
     /// The keyed pseudonymiser for a recipient organisation.
     pub fn pseudonymiser(&self, org: &str) -> Pseudonymiser {
-        Pseudonymiser::for_recipient_versioned(&self.pseudonym_master, self.pseudonym_version, org)
+        let (key, version) = {
+            let guard = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner());
+            (Arc::clone(&guard.0), guard.1)
+        };
+        Pseudonymiser::for_recipient_versioned(&key, version, org)
     }
 
     /// Adds a principal and returns its new API key (shown once, stored hashed).

@@ -34,7 +34,7 @@ use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::{Stream, StreamExt};
-use passerelle_policies::enforce::{EnforceCounters, GuardedTable, enforce_release};
+use passerelle_policies::enforce::{EnforceCounters, GuardedTable, enforce_release, k_floor_scans};
 use passerelle_policies::{Principal, Purpose};
 use serde::{Deserialize, Serialize};
 
@@ -271,10 +271,15 @@ fn check_guarded(plan: &LogicalPlan) -> Result<()> {
                 .ok()
                 .is_some_and(|p| p.downcast_ref::<GuardedTable>().is_some());
             if !guarded {
-                return Err(DataFusionError::External(Box::new(Error::Internal(format!(
-                    "plan scans `{}` outside the policy gate",
-                    scan.table_name
-                )))));
+                // Only recursive CTEs' work tables get here; anything else would be our bug,
+                // and the statement is refused either way.
+                return Err(DataFusionError::External(Box::new(Error::invalid(
+                    format!(
+                        "`{}` is not a governed dataset: recursive queries are not supported",
+                        scan.table_name
+                    ),
+                    "rewrite the query without WITH RECURSIVE",
+                ))));
             }
         }
         Ok(TreeNodeRecursion::Continue)
@@ -329,7 +334,7 @@ pub async fn plan_sql(
         None => plan,
     };
     check_guarded(&plan)?;
-    let plan = enforce_release(plan)?;
+    let plan = k_floor_scans(enforce_release(plan)?)?;
     let df = DataFrame::new(state, plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
     let touched = touched.lock().map(|t| t.clone()).unwrap_or_default();

@@ -435,6 +435,7 @@ mod tests {
             special_category: false,
             release: crate::Release::Rows,
             min_group_size: crate::DEFAULT_MIN_GROUP_SIZE,
+            k_anonymity: None,
         }
     }
     fn principal(name: &str, org: &str, role: Role) -> Principal {

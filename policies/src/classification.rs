@@ -342,6 +342,9 @@ pub struct DatasetPolicy {
     pub release: Release,
     /// With `Release::Aggregates`: groups with fewer rows are suppressed.
     pub min_group_size: u32,
+    /// k-anonymity-style floor: rows whose combination of released quasi-identifier values
+    /// occurs fewer than k times in the stream are suppressed.
+    pub k_anonymity: Option<u32>,
 }
 
 /// Subject column types the consent kernels can probe.
@@ -372,6 +375,17 @@ impl DatasetPolicy {
         }
         if self.consent_registry.trim().is_empty() {
             return Err(invalid("`consent_registry` is empty".into()));
+        }
+        if let Some(k) = self.k_anonymity {
+            if k < 2 {
+                return Err(invalid(format!("`k_anonymity` is {k}; a floor needs k of at least 2")));
+            }
+            if !self.columns.values().any(|c| c.class == ColumnClass::QuasiIdentifier) {
+                return Err(invalid(
+                    "`k_anonymity` is set but no column is a quasi-identifier; classify the quasi-identifiers or remove the floor"
+                        .into(),
+                ));
+            }
         }
         if self.release == Release::Aggregates && self.min_group_size < 2 {
             return Err(invalid(format!(
@@ -539,6 +553,7 @@ mod tests {
             special_category: false,
             release: Release::Rows,
             min_group_size: DEFAULT_MIN_GROUP_SIZE,
+            k_anonymity: None,
         }
     }
 

@@ -121,6 +121,7 @@ fn policy(kind: Kind) -> DatasetPolicy {
         special_category: false,
         release: passerelle_policies::Release::Rows,
         min_group_size: passerelle_policies::DEFAULT_MIN_GROUP_SIZE,
+        k_anonymity: None,
     }
 }
 

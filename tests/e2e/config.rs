@@ -18,4 +18,5 @@ fn every_example_config_loads() {
     let node = GatewayConfig::load(&dir.join("node.example.toml")).unwrap();
     assert_eq!(node.server.flight_addr, "0.0.0.0:50051");
     assert_eq!(node.tickets.ttl_secs, 600);
+    assert_eq!(node.sql, passerelle::sql::SqlOptions::default());
 }

@@ -168,3 +168,110 @@ async fn special_category_columns_need_a_permit_that_names_the_condition() {
     assert!(schema.field_with_name("diagnosis").is_ok() && schema.field_with_name("hba1c").is_ok());
     gw.shutdown_and_wait().await.unwrap();
 }
+
+/// Rows per (birth_date, postcode) combination, from a pulled stream.
+fn qi_groups(batches: &[arrow::array::RecordBatch]) -> std::collections::HashMap<(i32, String), usize> {
+    use arrow::array::AsArray;
+    let mut groups = std::collections::HashMap::new();
+    for b in batches {
+        let birth = b
+            .column_by_name("birth_date")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Date32Type>();
+        let post = b.column_by_name("postcode").unwrap().as_string::<i32>();
+        for i in 0..b.num_rows() {
+            *groups.entry((birth.value(i), post.value(i).to_string())).or_default() += 1;
+        }
+    }
+    groups
+}
+
+#[tokio::test]
+async fn the_k_anonymity_floor_suppresses_rare_quasi_identifier_combinations() {
+    let gw = TestGateway::start(4_000).await.unwrap();
+    let mut m =
+        Manifest::from_toml(&std::fs::read_to_string(gw.data_dir().join("demo/demo_patients.toml")).unwrap()).unwrap();
+    m.name = DatasetId::parse("kanon_patients").unwrap();
+    m.k_anonymity = Some(3);
+    gw.node.register_dataset(&m).await.unwrap();
+    gw.node
+        .add_permit(&Permit {
+            dataset: DatasetId::parse("kanon_patients").unwrap(),
+            org: "dkfz".into(),
+            purpose: Purpose::parse(AI).unwrap(),
+            expires: None,
+            special_category: false,
+        })
+        .await
+        .unwrap();
+    gw.node.refresh().await.unwrap();
+    let mut ai = gw.client(Some(&gw.key("trainer-de")), Some(AI)).await.unwrap();
+
+    for filter in [None, Some("hba1c > 9")] {
+        let cmd = |ds: &str| {
+            let mut v = serde_json::json!({ "dataset": ds });
+            if let Some(f) = filter {
+                v["filter"] = f.into();
+            }
+            passerelle_tests::command(v)
+        };
+        // The floor counts what the stream releases: the unfloored stream's combinations of at
+        // least 3 rows, after the same filter.
+        let open = pull(&mut ai, cmd("demo_patients")).await.unwrap();
+        let expected: usize = qi_groups(&open).values().filter(|n| **n >= 3).sum();
+        let rare: usize = qi_groups(&open).values().filter(|n| **n < 3).sum();
+        assert!(rare > 0, "the demo has rare combinations to suppress");
+        let floored = pull(&mut ai, cmd("kanon_patients")).await.unwrap();
+        let groups = qi_groups(&floored);
+        assert!(groups.values().all(|n| *n >= 3), "{filter:?}: {groups:?}");
+        assert_eq!(groups.values().sum::<usize>(), expected, "{filter:?}");
+    }
+    // Columns requested without the quasi-identifiers are floored all the same.
+    let only = pull(
+        &mut ai,
+        passerelle_tests::command(serde_json::json!({ "dataset": "kanon_patients", "columns": ["hba1c"] })),
+    )
+    .await
+    .unwrap();
+    let all = pull(&mut ai, path("kanon_patients")).await.unwrap();
+    let n = |b: &[arrow::array::RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+    assert_eq!(n(&only), n(&all));
+    // SQL sees the floored dataset.
+    let mut sql = passerelle_tests::sql::sql_client(&gw, &gw.key("trainer-de"), AI)
+        .await
+        .unwrap();
+    let got = passerelle_tests::sql::query(&mut sql, "SELECT count(*) FROM kanon_patients")
+        .await
+        .unwrap();
+    use arrow::array::AsArray;
+    assert_eq!(
+        got[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0) as usize,
+        n(&all)
+    );
+    gw.shutdown_and_wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_pseudonym_key_reaches_the_running_server() {
+    use arrow::array::{Array, AsArray};
+    let gw = TestGateway::start(1_000).await.unwrap();
+    let mut ai = gw.client(Some(&gw.key("trainer-de")), Some(AI)).await.unwrap();
+    let ids = |batches: &[arrow::array::RecordBatch]| -> std::collections::HashSet<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = b.column_by_name("patient_id").unwrap().as_string::<i32>().clone();
+                (0..c.len()).map(move |i| c.value(i).to_string())
+            })
+            .collect()
+    };
+    let before = ids(&pull(&mut ai, path("demo_patients")).await.unwrap());
+    assert!(before.iter().all(|p| p.starts_with("01")));
+    assert_eq!(passerelle::node::rotate_pseudonym_key(gw.data_dir()).unwrap(), 2);
+    gw.node.refresh().await.unwrap();
+    let after = ids(&pull(&mut ai, path("demo_patients")).await.unwrap());
+    assert_eq!(after.len(), before.len());
+    assert!(after.iter().all(|p| p.starts_with("02")), "new version byte");
+    assert!(after.is_disjoint(&before));
+    gw.shutdown_and_wait().await.unwrap();
+}

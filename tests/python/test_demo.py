@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from collections import Counter
 
@@ -100,3 +102,16 @@ def test_reference_model_latest_applicable_event_wins():
 
 def test_reference_helper_reads_the_demo_csv(reference: Reference):
     assert consented_subjects_from_csv(reference.consent_path, PURPOSE) == reference.consented(PURPOSE)
+
+
+def test_printed_snippet_runs_unchanged(gateway):
+    """The pyarrow and ADBC snippet `serve --demo` prints works as printed (the README's promise)."""
+    log = gateway.log_path.read_text(errors="replace")
+    start = log.find("# Pull the governed demo stream")
+    assert start >= 0, log[-2000:]
+    end = log.find('print(cur.fetch_arrow_table())', start)
+    assert end > start, "the snippet ends with the ADBC query"
+    snippet = log[start:end + len('print(cur.fetch_arrow_table())')]
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "diagnosis" in proc.stdout and "avg(" in proc.stdout, proc.stdout[-2000:]

@@ -23,5 +23,5 @@ pub use exec::EnforceExec;
 pub use grant::{ColumnAction, EnforceCounters, Grant};
 pub use provider::GuardedTable;
 pub use pseudonymise::Pseudonymiser;
-pub use release::enforce_release;
+pub use release::{enforce_release, k_floor, k_floor_scans};
 pub use stream::EnforceStream;
