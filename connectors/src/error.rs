@@ -22,6 +22,16 @@ pub enum Error {
         #[source]
         source: Box<DataFusionError>,
     },
+    /// The object store could not be listed or read (bucket missing, access refused, endpoint
+    /// unreachable); the reason is short and never quotes credentials.
+    #[error("cannot read `{location}`: {reason}")]
+    StoreAccess { location: String, reason: String },
+    /// Files under one location disagree on their schema.
+    #[error("files under `{location}` differ: {reason}; keep one schema per dataset")]
+    SchemaMismatch { location: String, reason: String },
+    /// A `[stores.<name>]` section is missing, of the wrong kind, or incomplete.
+    #[error("store `{store}`: {reason}")]
+    StoreConfig { store: String, reason: String },
     /// The format is unknown.
     #[error("unknown format `{format}`; use parquet, csv, ndjson or arrow")]
     UnknownFormat { format: String },

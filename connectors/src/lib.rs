@@ -5,13 +5,16 @@
 //! `passerelle_policies::enforce::GuardedTable::new`, the only consumer of raw sources.
 //!
 //! ```text
-//!  SourceSpec { location: file:///…/ | s3://… , format } ──► listing::open ──► ListingTable
+//!  SourceSpec { location: file:///…/ | s3://… , format, store } ──► listing::open ──► ListingTable
+//!                                  stores::Stores::prepare ─► object_store client in the shared registry
 //! ```
 
 pub mod error;
 pub mod listing;
 pub mod spec;
+pub mod stores;
 
 pub use error::{Error, Result};
-pub use listing::open;
+pub use listing::{open, verify};
 pub use spec::{Format, SourceSpec};
+pub use stores::{Secret, StoreKind, StoreOptions, Stores};

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use arrow::datatypes::DataType;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
@@ -9,6 +10,7 @@ use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::json::JsonFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use futures::TryStreamExt;
 
 use crate::error::{Error, Result};
 use crate::spec::{Format, SourceSpec};
@@ -21,27 +23,34 @@ pub async fn open(session: &dyn Session, spec: &SourceSpec) -> Result<Arc<dyn Ta
         location: location.clone(),
         reason: e.to_string(),
     })?;
-    let file_format: Arc<dyn FileFormat> = match spec.format {
-        // Honour the session's Parquet settings (view types, filter pushdown) rather than the
-        // format's own defaults.
-        Format::Parquet => Arc::new(ParquetFormat::default().with_options(session.default_table_options().parquet)),
-        Format::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
-        Format::Ndjson => Arc::new(JsonFormat::default()),
-        Format::Arrow => Arc::new(ArrowFormat),
-    };
+    let file_format = file_format(session, spec.format);
     // A single file keeps whatever extension it has; a directory lists files of the format's extension.
     let extension = if location.ends_with('/') {
         spec.format.extension()
     } else {
         ""
     };
-    let options = ListingOptions::new(file_format).with_file_extension(extension);
+    let options = ListingOptions::new(Arc::clone(&file_format)).with_file_extension(extension);
+    // Hive-style directories (`member_state=FR/year=2024/`) become Utf8 columns, classified in
+    // the manifest like any other.
+    let partitions = if location.ends_with('/') {
+        options.infer_partitions(session, &url).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let options = options.with_table_partition_cols(partitions.into_iter().map(|p| (p, DataType::Utf8)).collect());
     let schema = options
         .infer_schema(session, &url)
         .await
-        .map_err(|e| Error::ReadSchema {
-            location: location.clone(),
-            source: Box::new(e),
+        .map_err(|e| match store_failure(&e) {
+            Some(reason) => Error::StoreAccess {
+                location: location.clone(),
+                reason,
+            },
+            None => Error::ReadSchema {
+                location: location.clone(),
+                source: Box::new(e),
+            },
         })?;
     if schema.fields().is_empty() {
         return Err(Error::NoFiles {
@@ -57,6 +66,129 @@ pub async fn open(session: &dyn Session, spec: &SourceSpec) -> Result<Arc<dyn Ta
         source: Box::new(e),
     })?;
     Ok(Arc::new(table))
+}
+
+/// Most files whose schemas registration compares one by one.
+const MAX_VERIFIED_FILES: usize = 10_000;
+
+/// Registration-time check that every file under the location has the same schema (DataFusion
+/// would otherwise merge them, filling missing columns with nulls), naming the first file that
+/// differs and how.
+pub async fn verify(session: &dyn Session, spec: &SourceSpec) -> Result<()> {
+    let location = spec.normalised_location()?;
+    if !location.ends_with('/') {
+        return Ok(());
+    }
+    let url = ListingTableUrl::parse(&location).map_err(|e| Error::InvalidLocation {
+        location: location.clone(),
+        reason: e.to_string(),
+    })?;
+    let format = file_format(session, spec.format);
+    let read = |e: datafusion::error::DataFusionError| match store_failure(&e) {
+        Some(reason) => Error::StoreAccess {
+            location: location.clone(),
+            reason,
+        },
+        None => Error::ReadSchema {
+            location: location.clone(),
+            source: Box::new(e),
+        },
+    };
+    let store = session.runtime_env().object_store(&url).map_err(read)?;
+    let files: Vec<_> = url
+        .list_all_files(session, store.as_ref(), spec.format.extension())
+        .await
+        .map_err(read)?
+        .try_collect()
+        .await
+        .map_err(read)?;
+    let mut first: Option<(String, arrow::datatypes::SchemaRef)> = None;
+    for meta in files.iter().filter(|m| m.size > 0).take(MAX_VERIFIED_FILES) {
+        let schema = format
+            .infer_schema(session, &store, std::slice::from_ref(meta))
+            .await
+            .map_err(read)?;
+        match &first {
+            None => first = Some((meta.location.to_string(), schema)),
+            Some((name, reference)) => {
+                if let Some(reason) = schema_difference(reference, &schema) {
+                    return Err(Error::SchemaMismatch {
+                        location: location.clone(),
+                        reason: format!("in `{}`, {reason} (compared with `{name}`)", meta.location),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn schema_difference(a: &arrow::datatypes::Schema, b: &arrow::datatypes::Schema) -> Option<String> {
+    for f in a.fields() {
+        match b.field_with_name(f.name()) {
+            Err(_) => return Some(format!("column `{}` is missing", f.name())),
+            Ok(g) if g.data_type() != f.data_type() => {
+                return Some(format!(
+                    "column `{}` is {} instead of {}",
+                    f.name(),
+                    g.data_type(),
+                    f.data_type()
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
+    b.fields()
+        .iter()
+        .find(|g| a.field_with_name(g.name()).is_err())
+        .map(|g| format!("column `{}` is extra", g.name()))
+}
+
+fn file_format(session: &dyn Session, format: Format) -> Arc<dyn FileFormat> {
+    match format {
+        // Honour the session's Parquet settings (view types, filter pushdown) rather than the
+        // format's own defaults.
+        Format::Parquet => Arc::new(ParquetFormat::default().with_options(session.default_table_options().parquet)),
+        Format::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
+        Format::Ndjson => Arc::new(JsonFormat::default()),
+        Format::Arrow => Arc::new(ArrowFormat),
+    }
+}
+
+/// Says in a few words what went wrong talking to an object store (the raw error is an XML
+/// document with request ids), or `None` for other failures.
+fn store_failure(e: &datafusion::error::DataFusionError) -> Option<String> {
+    let text = e.to_string();
+    if !text.contains("Object Store error")
+        && !matches!(e.find_root(), datafusion::error::DataFusionError::ObjectStore(_))
+    {
+        return None;
+    }
+    let has = |needle: &str| text.contains(needle);
+    Some(
+        if has("NoSuchBucket") || has("ContainerNotFound") || (has("404") && has("bucket")) {
+            "the bucket (or container) does not exist; check the location and the store's endpoint and region".into()
+        } else if has("InvalidAccessKeyId")
+            || has("SignatureDoesNotMatch")
+            || has("AccessDenied")
+            || has("403")
+            || has("401")
+        {
+            "the store refused access; check the store's credentials and their permissions on this location".into()
+        } else if has("error trying to connect")
+            || has("error sending request")
+            || has("Connection refused")
+            || has("dns error")
+            || has("timed out")
+        {
+            "the store's endpoint cannot be reached; check `endpoint` and the network".into()
+        } else if has("PermanentRedirect") || has("301") || has("AuthorizationHeaderMalformed") {
+            "the store answered for another region or endpoint; check `region` and `endpoint`".into()
+        } else {
+            "the store could not list or read the location; the node's log has the details".into()
+        },
+    )
+    .inspect(|_| tracing::warn!(error = %text, "object store failure"))
 }
 
 #[cfg(test)]
@@ -81,6 +213,7 @@ mod tests {
         let spec = SourceSpec {
             location: format!("{}/", dir.path().display()),
             format: Format::Parquet,
+            store: None,
         };
         let table = open(&state, &spec).await.unwrap();
         assert_eq!(table.schema().field(0).name(), "id");
@@ -89,6 +222,7 @@ mod tests {
         let spec = SourceSpec {
             location: format!("{}/", empty.path().display()),
             format: Format::Parquet,
+            store: None,
         };
         let err = open(&state, &spec).await.unwrap_err().to_string();
         assert!(
@@ -99,6 +233,7 @@ mod tests {
         let spec = SourceSpec {
             location: "relative/dir".into(),
             format: Format::Parquet,
+            store: None,
         };
         assert!(open(&state, &spec).await.unwrap_err().to_string().contains("absolute"));
     }

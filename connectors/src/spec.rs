@@ -64,7 +64,15 @@ pub struct SourceSpec {
     pub location: String,
     /// The files' format.
     pub format: Format,
+    /// The `[stores.<name>]` section holding the credentials of an object-store location.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
+
+/// URL schemes read through a configured object store.
+const STORE_SCHEMES: &[&str] = &[
+    "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "http", "https",
+];
 
 impl SourceSpec {
     /// Normalises the location to a URL: absolute paths become `file://` URLs; relative paths are
@@ -80,10 +88,19 @@ impl SourceSpec {
                 location: loc.to_string(),
                 reason: "file URLs must be absolute: file:///abs/path".into(),
             }),
+            Some((scheme, rest)) if STORE_SCHEMES.contains(&scheme) => {
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Err(Error::InvalidLocation {
+                        location: loc.to_string(),
+                        reason: format!("name the bucket or host: {scheme}://<bucket>/<prefix>/"),
+                    });
+                }
+                Ok(loc.to_string())
+            }
             Some((scheme, _)) => Err(Error::InvalidLocation {
                 location: loc.to_string(),
                 reason: format!(
-                    "scheme `{scheme}` is not configured on this node; use file:// (object stores come with [stores] configuration)"
+                    "scheme `{scheme}` is not supported; use file://, s3://, gs://, az:// (or abfs://) or https://"
                 ),
             }),
             None => Err(Error::InvalidLocation {

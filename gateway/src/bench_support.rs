@@ -30,7 +30,7 @@ pub async fn unguarded_do_get(
         .get(name)
         .cloned()
         .ok_or_else(|| Status::not_found(name.to_string()))?;
-    let ctx = source_context();
+    let ctx = source_context(&node.stores)?;
     let raw = passerelle_connectors::open(&ctx.state(), &manifest.source())
         .await
         .map_err(Error::from)?;

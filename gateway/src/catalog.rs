@@ -6,7 +6,9 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use chrono::Utc;
 use datafusion::common::DFSchema;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use passerelle_connectors::Stores;
 use passerelle_policies::enforce::{EnforceCounters, Grant, GuardedTable};
 use passerelle_policies::{ColumnClass, DatasetPolicy, Principal, Purpose, Release};
 use serde::{Deserialize, Serialize};
@@ -91,14 +93,21 @@ pub fn session_config() -> SessionConfig {
         .set_bool("datafusion.execution.parquet.schema_force_view_types", false)
 }
 
+/// The runtime of every session: the node's object stores, no per-process globals.
+pub fn runtime(stores: &Stores) -> Result<Arc<RuntimeEnv>> {
+    Ok(RuntimeEnvBuilder::new()
+        .with_object_store_registry(stores.registry())
+        .build_arc()?)
+}
+
 /// A session with no tables, for opening raw sources.
-pub fn source_context() -> SessionContext {
-    SessionContext::new_with_config(session_config())
+pub fn source_context(stores: &Stores) -> Result<SessionContext> {
+    Ok(SessionContext::new_with_config_rt(session_config(), runtime(stores)?))
 }
 
 /// A session whose catalog holds exactly the given guarded tables.
-pub fn guarded_context(tables: Vec<(String, GuardedTable)>) -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config(session_config());
+pub fn guarded_context(stores: &Stores, tables: Vec<(String, GuardedTable)>) -> Result<SessionContext> {
+    let ctx = SessionContext::new_with_config_rt(session_config(), runtime(stores)?);
     for (name, table) in tables {
         ctx.register_table(name.as_str(), Arc::new(table))?;
     }
@@ -134,7 +143,6 @@ pub async fn guard(node: &Node, principal: &Principal, purpose: &Purpose, datase
             reason: decision.reason,
         });
     }
-    let ctx0 = source_context();
     // Source failures are the operator's to fix and may name storage paths: log, do not send.
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::error!(dataset, error = %e, "dataset source unavailable");
@@ -142,6 +150,8 @@ pub async fn guard(node: &Node, principal: &Principal, purpose: &Purpose, datase
             name: dataset.to_string(),
         }
     };
+    node.stores.prepare(&manifest.source()).map_err(|e| unavailable(&e))?;
+    let ctx0 = source_context(&node.stores)?;
     let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source())
         .await
         .map_err(|e| unavailable(&e))?;
@@ -215,17 +225,19 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
         let raw_df_schema = DFSchema::try_from(raw_schema.as_ref().clone())?;
-        let expr = source_context().parse_sql_expr(filter, &raw_df_schema).map_err(|e| {
-            Error::invalid(
-                format!("filter does not parse: {}", e.strip_backtrace()),
-                "write a SQL boolean expression over the columns you may see",
-            )
-        })?;
+        let expr = SessionContext::new_with_config(session_config())
+            .parse_sql_expr(filter, &raw_df_schema)
+            .map_err(|e| {
+                Error::invalid(
+                    format!("filter does not parse: {}", e.strip_backtrace()),
+                    "write a SQL boolean expression over the columns you may see",
+                )
+            })?;
         for c in expr.column_refs() {
             check_column(&c.name)?;
         }
     }
-    let ctx = guarded_context(vec![(cmd.dataset.clone(), table)])?;
+    let ctx = guarded_context(&node.stores, vec![(cmd.dataset.clone(), table)])?;
     let mut df = ctx.table(cmd.dataset.as_str()).await?;
     if let Some(filter) = &cmd.filter {
         let expr = df.parse_sql_expr(filter).map_err(|e| {

@@ -161,6 +161,9 @@ pub enum DatasetCmd {
     Register {
         #[arg(long)]
         manifest: PathBuf,
+        /// Configuration holding the `[stores.<name>]` the manifest names (object-store locations).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// List datasets.
     List,
@@ -352,7 +355,7 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCmd::RotatePseudonym) => {
             let v = crate::node::rotate_pseudonym_key(&cli.data_dir)?;
             print(j, json!({ "pseudonym_key_version": v }), || {
-                format!("pseudonym key rotated to version {v}; restart running servers to use it")
+                format!("pseudonym key rotated to version {v}; running servers use it within a second")
             });
         }
         Command::Principal(PrincipalCmd::Add {
@@ -374,10 +377,12 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
                 || format!("principal `{name}` added.\nAPI key (shown once, store it now): {key}"),
             );
         }
-        Command::Dataset(DatasetCmd::Register { manifest }) => {
+        Command::Dataset(DatasetCmd::Register { manifest, config }) => {
             let text = std::fs::read_to_string(manifest).with_context(|| format!("reading {}", manifest.display()))?;
             let m = Manifest::from_toml(&text)?;
-            node.register_dataset(&m).await?;
+            let cfg = effective_config(cli, config.as_ref(), None)?;
+            let stores = passerelle_connectors::Stores::new(cfg.stores);
+            node.register_dataset_with(&m, &stores).await?;
             print(j, serde_json::to_value(&m)?, || {
                 format!(
                     "dataset `{}` registered ({} columns classified)",

@@ -76,6 +76,9 @@ pub struct GatewayConfig {
     pub policy: crate::node::PolicyOptions,
     /// Limits on governed SQL.
     pub sql: crate::sql::SqlOptions,
+    /// Object stores by name (`[stores.<name>]`); manifests refer to them by name.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub stores: std::collections::BTreeMap<String, passerelle_connectors::StoreOptions>,
 }
 
 impl GatewayConfig {

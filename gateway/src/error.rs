@@ -186,6 +186,9 @@ impl Error {
                 }
                 _ => "check the request against the README",
             },
+            Error::Connector(passerelle_connectors::Error::StoreConfig { .. }) => {
+                "name a store of the right kind from the node's [stores] configuration"
+            }
             Error::Connector(_) => "check the location, its format and that the node can read it",
             Error::AlreadyExists { .. } => "choose another name",
             Error::RegistryNotFound { .. } => "post consent to a registry your organisation owns",

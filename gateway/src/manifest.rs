@@ -22,6 +22,10 @@ pub struct Manifest {
     pub location: String,
     /// File format.
     pub format: Format,
+    /// For object-store locations: the `[stores.<name>]` section of the node's configuration
+    /// holding the credentials (manifests never carry secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
     /// Member state holding the data.
     pub member_state: MemberState,
     /// Organisation holding the data.
@@ -72,6 +76,7 @@ impl Manifest {
         SourceSpec {
             location: self.location.clone(),
             format: self.format,
+            store: self.store.clone(),
         }
     }
 

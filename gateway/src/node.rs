@@ -81,6 +81,8 @@ pub struct Node {
     pub sql: crate::sql::SqlOptions,
     /// Threads that run SQL plans.
     pub queries: crate::sql::QueryExecutor,
+    /// Object stores of the configuration, shared by every session.
+    pub stores: passerelle_connectors::Stores,
     /// The pseudonym master key and its version (the first byte of every pseudonym); swapped
     /// by `refresh` when `keys rotate-pseudonym` installs a new one.
     pseudonym_key: RwLock<(Arc<Vec<u8>>, u8)>,
@@ -299,6 +301,7 @@ impl Node {
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             sql: crate::sql::SqlOptions::default(),
+            stores: passerelle_connectors::Stores::default(),
             queries: crate::sql::QueryExecutor::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )?,
@@ -500,7 +503,20 @@ impl Node {
     /// organisation re-register another's data under its own, weaker policy). The consent
     /// registry is claimed for the controller and may not belong to another organisation.
     pub async fn register_dataset(&self, manifest: &Manifest) -> Result<()> {
+        self.register_dataset_with(manifest, &self.stores).await
+    }
+
+    /// As [`Node::register_dataset`], reading the source through `stores` (the CLI passes the
+    /// stores of its `--config`).
+    pub async fn register_dataset_with(
+        &self,
+        manifest: &Manifest,
+        stores: &passerelle_connectors::Stores,
+    ) -> Result<()> {
         let location = manifest.source().normalised_location()?;
+        // Validate through a private registry; the shared one learns the store on first use.
+        let trial = stores.isolated();
+        trial.prepare(&manifest.source())?;
         self.check_location(manifest, &location).await?;
         let policy = manifest.policy();
         if let Some(owner) = self.meta.registry_owner(&policy.consent_registry).await?
@@ -514,7 +530,9 @@ impl Node {
                 "choose another registry name (it defaults to the dataset name)",
             ));
         }
-        let ctx = crate::catalog::source_context();
+        let ctx = crate::catalog::source_context(&trial)?;
+        // File by file first, so a mismatch names the file rather than failing the merge.
+        passerelle_connectors::verify(&ctx.state(), &manifest.source()).await?;
         let raw = passerelle_connectors::open(&ctx.state(), &manifest.source()).await?;
         policy.validate(&raw.schema())?;
         self.meta
@@ -554,6 +572,23 @@ impl Node {
                 mine == theirs || mine.starts_with(&format!("{theirs}/")) || theirs.starts_with(&format!("{mine}/"));
             if overlaps && other.controller != manifest.controller {
                 return Err(refused());
+            }
+            // A bucket is read with one set of credentials: one store per bucket.
+            let bucket = |l: &str| l.split('/').take(3).collect::<Vec<_>>().join("/");
+            if !mine.starts_with("file://")
+                && bucket(&mine) == bucket(&theirs)
+                && other.store != manifest.store
+                && other.name != manifest.name
+            {
+                return Err(Error::invalid(
+                    format!(
+                        "`{}` is already read through store `{}` (dataset `{}`)",
+                        bucket(&mine),
+                        other.store.as_deref().unwrap_or("(none)"),
+                        other.name
+                    ),
+                    "use the same store for every dataset of a bucket",
+                ));
             }
         }
         Ok(())

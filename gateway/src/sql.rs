@@ -198,7 +198,11 @@ impl PlannedSql {
     }
 }
 
-fn governed_state(opts: &SqlOptions, schema: Arc<GovernedSchema>) -> Result<SessionState> {
+fn governed_state(
+    opts: &SqlOptions,
+    stores: &passerelle_connectors::Stores,
+    schema: Arc<GovernedSchema>,
+) -> Result<SessionState> {
     let config = catalog::session_config()
         .with_default_catalog_and_schema(CATALOG, SCHEMA)
         .with_create_default_catalog_and_schema(false);
@@ -206,6 +210,7 @@ fn governed_state(opts: &SqlOptions, schema: Arc<GovernedSchema>) -> Result<Sess
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(bytes, 1.0)
         .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+        .with_object_store_registry(stores.registry())
         .build_arc()?;
     let state = SessionStateBuilder::new()
         .with_config(config)
@@ -313,7 +318,7 @@ pub async fn plan_sql(
         purpose: purpose.clone(),
         touched: Arc::clone(&touched),
     });
-    let state = governed_state(opts, schema)?;
+    let state = governed_state(opts, &node.stores, schema)?;
     let stmt = state.sql_to_statement(sql, &Dialect::Generic).map_err(|e| {
         Error::invalid(
             format!("statement does not parse: {}", e.strip_backtrace()),

@@ -40,6 +40,7 @@ impl Application {
         if let Some(n) = Arc::get_mut(&mut node) {
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
             n.sql = cfg.sql.clone();
+            n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
         }
         if cfg.demo.enabled {
             crate::demo::ensure_demo(&node, cfg.demo.rows).await?;

@@ -19,4 +19,5 @@ fn every_example_config_loads() {
     assert_eq!(node.server.flight_addr, "0.0.0.0:50051");
     assert_eq!(node.tickets.ttl_secs, 600);
     assert_eq!(node.sql, passerelle::sql::SqlOptions::default());
+    assert_eq!(node.stores["lake"].kind, passerelle_connectors::StoreKind::S3);
 }
