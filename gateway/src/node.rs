@@ -302,8 +302,11 @@ impl Node {
             ticket_ttl: Duration::from_secs(600),
             sql: crate::sql::SqlOptions::default(),
             stores: passerelle_connectors::Stores::default(),
+            // Twice the cores: a plan that computes for long without yielding (it is aborted at
+            // its next yield point) holds at most `target_partitions` threads, and the others
+            // keep serving new queries.
             queries: crate::sql::QueryExecutor::new(
-                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+                2 * std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )?,
             pseudonym_key: RwLock::new((Arc::new(pseudonym_master), pseudonym_version)),
             snapshot: RwLock::new(Arc::new(empty)),
