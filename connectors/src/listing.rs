@@ -166,13 +166,14 @@ fn store_failure(e: &datafusion::error::DataFusionError) -> Option<String> {
     }
     let has = |needle: &str| text.contains(needle);
     Some(
-        if has("NoSuchBucket") || has("ContainerNotFound") || (has("404") && has("bucket")) {
-            "the bucket (or container) does not exist; check the location and the store's endpoint and region".into()
+        if has("NoSuchBucket") || has("ContainerNotFound") || has("404 Not Found") || has("Object at location") {
+            "the bucket, container or file does not exist; check the location and the store's endpoint and region"
+                .into()
         } else if has("InvalidAccessKeyId")
             || has("SignatureDoesNotMatch")
             || has("AccessDenied")
-            || has("403")
-            || has("401")
+            || has("403 Forbidden")
+            || has("401 Unauthorized")
         {
             "the store refused access; check the store's credentials and their permissions on this location".into()
         } else if has("error trying to connect")
@@ -182,7 +183,7 @@ fn store_failure(e: &datafusion::error::DataFusionError) -> Option<String> {
             || has("timed out")
         {
             "the store's endpoint cannot be reached; check `endpoint` and the network".into()
-        } else if has("PermanentRedirect") || has("301") || has("AuthorizationHeaderMalformed") {
+        } else if has("PermanentRedirect") || has("301 Moved") || has("AuthorizationHeaderMalformed") {
             "the store answered for another region or endpoint; check `region` and `endpoint`".into()
         } else {
             "the store could not list or read the location; the node's log has the details".into()

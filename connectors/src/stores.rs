@@ -251,7 +251,13 @@ impl Stores {
                 ),
             });
         }
-        let bucket = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+        // Keyed like the registry: scheme, host and port.
+        let bucket = format!(
+            "{}://{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port().map(|p| format!(":{p}")).unwrap_or_default()
+        );
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         match owners.get(&bucket) {
             Some(owner) if owner == name => return Ok(()),
