@@ -150,9 +150,8 @@ pub async fn guard(node: &Node, principal: &Principal, purpose: &Purpose, datase
             name: dataset.to_string(),
         }
     };
-    node.stores.prepare(&manifest.source()).map_err(|e| unavailable(&e))?;
-    let ctx0 = source_context(&node.stores)?;
-    let raw = passerelle_connectors::open(&ctx0.state(), &manifest.source())
+    let raw = node
+        .open_source(&manifest, snap.meta_version)
         .await
         .map_err(|e| unavailable(&e))?;
     let raw_schema = raw.schema();

@@ -165,6 +165,8 @@ pub enum DatasetCmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Make running servers re-open a dataset's source (new schema, new files) now.
+    Refresh { name: String },
     /// List datasets.
     List,
     /// Show one dataset.
@@ -389,6 +391,15 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
                     m.name,
                     m.columns.len()
                 )
+            });
+        }
+        Command::Dataset(DatasetCmd::Refresh { name }) => {
+            if !node.meta.datasets().await?.iter().any(|m| m.name.as_str() == name) {
+                bail!("dataset `{name}` is not registered; see `passerelle dataset list`");
+            }
+            node.meta.touch().await?;
+            print(j, json!({ "refreshed": name }), || {
+                format!("dataset `{name}`: running servers re-open its source within a second")
             });
         }
         Command::Dataset(DatasetCmd::List) => {

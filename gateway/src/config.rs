@@ -41,6 +41,21 @@ impl Default for TicketOptions {
     }
 }
 
+/// How opened sources are reused between requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceOptions {
+    /// Seconds an opened source (its schema) is reused; `passerelle dataset refresh` or any
+    /// metadata change re-opens it sooner. Files are listed at every scan regardless.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self { cache_ttl_secs: 60 }
+    }
+}
+
 /// Demo settings (`serve --demo`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -76,6 +91,8 @@ pub struct GatewayConfig {
     pub policy: crate::node::PolicyOptions,
     /// Limits on governed SQL.
     pub sql: crate::sql::SqlOptions,
+    /// How opened sources are reused.
+    pub sources: SourceOptions,
     /// Object stores by name (`[stores.<name>]`); manifests refer to them by name.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub stores: std::collections::BTreeMap<String, passerelle_connectors::StoreOptions>,

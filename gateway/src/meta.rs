@@ -123,6 +123,15 @@ impl MetaStore {
         Ok(v.max(0) as u64)
     }
 
+    /// Bumps the version without other change: running servers reload their snapshot and
+    /// re-open every source (`passerelle dataset refresh`).
+    pub async fn touch(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(Error::store("begin"))?;
+        Self::bump(&mut tx).await?;
+        tx.commit().await.map_err(Error::store("commit"))?;
+        Ok(())
+    }
+
     async fn bump(tx: &mut sqlx::SqliteConnection) -> Result<()> {
         sqlx::query("UPDATE meta_version SET version = version + 1 WHERE id = 1")
             .execute(tx)

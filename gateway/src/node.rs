@@ -83,6 +83,12 @@ pub struct Node {
     pub queries: crate::sql::QueryExecutor,
     /// Object stores of the configuration, shared by every session.
     pub stores: passerelle_connectors::Stores,
+    /// How long an opened source (its file list at opening and schema) is reused.
+    pub source_ttl: Duration,
+    /// Opened raw sources by dataset: schema inference (listing, footers) once per dataset and
+    /// metadata version rather than per request. Scans still list files, so new files under a
+    /// prefix reach the next request.
+    raw_sources: std::sync::Mutex<HashMap<String, CachedSource>>,
     /// The pseudonym master key and its version (the first byte of every pseudonym); swapped
     /// by `refresh` when `keys rotate-pseudonym` installs a new one.
     pseudonym_key: RwLock<(Arc<Vec<u8>>, u8)>,
@@ -179,6 +185,14 @@ impl std::fmt::Debug for Node {
             .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
     }
+}
+
+/// An opened raw source and when.
+#[derive(Debug)]
+struct CachedSource {
+    opened: std::time::Instant,
+    meta_version: u64,
+    table: Arc<dyn datafusion::catalog::TableProvider>,
 }
 
 /// Reads a 32-byte secret from `path`, creating it (mode 0600) on first use.
@@ -302,6 +316,8 @@ impl Node {
             ticket_ttl: Duration::from_secs(600),
             sql: crate::sql::SqlOptions::default(),
             stores: passerelle_connectors::Stores::default(),
+            source_ttl: Duration::from_secs(60),
+            raw_sources: std::sync::Mutex::default(),
             // Twice the cores: a plan that computes for long without yielding (it is aborted at
             // its next yield point) holds at most `target_partitions` threads, and the others
             // keep serving new queries.
@@ -472,6 +488,38 @@ impl Node {
             });
         }
         Ok(principal.clone())
+    }
+
+    /// The raw source of a registered dataset, reused while fresh (see `raw_sources`).
+    pub async fn open_source(
+        &self,
+        manifest: &Manifest,
+        meta_version: u64,
+    ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+        let name = manifest.name.to_string();
+        {
+            let cache = self.raw_sources.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = cache.get(&name)
+                && c.meta_version == meta_version
+                && c.opened.elapsed() < self.source_ttl
+            {
+                return Ok(Arc::clone(&c.table));
+            }
+        }
+        self.stores.prepare(&manifest.source())?;
+        let ctx = crate::catalog::source_context(&self.stores)?;
+        let table = passerelle_connectors::open(&ctx.state(), &manifest.source()).await?;
+        let mut cache = self.raw_sources.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|_, c| c.meta_version == meta_version);
+        cache.insert(
+            name,
+            CachedSource {
+                opened: std::time::Instant::now(),
+                meta_version,
+                table: Arc::clone(&table),
+            },
+        );
+        Ok(table)
     }
 
     /// The keyed pseudonymiser for a recipient organisation.

@@ -41,6 +41,7 @@ impl Application {
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
             n.sql = cfg.sql.clone();
             n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
+            n.source_ttl = Duration::from_secs(cfg.sources.cache_ttl_secs);
         }
         if cfg.demo.enabled {
             crate::demo::ensure_demo(&node, cfg.demo.rows).await?;

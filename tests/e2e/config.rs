@@ -20,4 +20,5 @@ fn every_example_config_loads() {
     assert_eq!(node.tickets.ttl_secs, 600);
     assert_eq!(node.sql, passerelle::sql::SqlOptions::default());
     assert_eq!(node.stores["lake"].kind, passerelle_connectors::StoreKind::S3);
+    assert_eq!(node.sources.cache_ttl_secs, 60);
 }

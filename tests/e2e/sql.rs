@@ -403,3 +403,32 @@ async fn aggregates_only_datasets_refuse_plain_flight() {
     assert_eq!(total, visible);
     gw.shutdown_and_wait().await.unwrap();
 }
+
+#[tokio::test]
+async fn new_files_under_a_prefix_reach_the_next_request() {
+    let (gw, _) = gateway().await;
+    let mut sql = sql_client(&gw, &gw.key("trainer-de"), PURPOSE).await.unwrap();
+    let before = count(&query(&mut sql, "SELECT count(*) FROM demo_visits").await.unwrap());
+    // Three more visits of subject 0 (consenting in the visits registry), in a new file.
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("ward", DataType::Utf8, false),
+        Field::new("cost", DataType::Float64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from(vec![0, 0, 0])),
+            Arc::new(StringArray::from(vec!["oncology"; 3])),
+            Arc::new(arrow::array::Float64Array::from(vec![-1.0, -2.0, -3.0])),
+        ],
+    )
+    .unwrap();
+    let path = gw.data_dir().join("demo/visits/more.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let after = count(&query(&mut sql, "SELECT count(*) FROM demo_visits").await.unwrap());
+    assert_eq!(after, before + 3);
+    gw.shutdown_and_wait().await.unwrap();
+}

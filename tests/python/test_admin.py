@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from conftest import (DATASET, PROPAGATION_LIMIT, PURPOSE, REGISTRY, Gateway, assert_json_error,
+from conftest import (DATASET, PROPAGATION_LIMIT, PURPOSE, REGISTRY, Gateway, assert_json_error, run_cli,
                       assert_same_multiset, call_options,
                       dataset_names, groups_by_pseudonym, http, listed_datasets, poll_until, pull, path_descriptor,
                       rfc3339, run_cli)
@@ -184,3 +184,14 @@ def test_cli_principal_add_rejects_an_unknown_role(scratch_gateway: Gateway):
                    "--member-state", "DE", "--role", "superuser", check=False)
     assert proc.returncode != 0
     assert "superuser" in proc.stderr or "role" in proc.stderr
+
+
+def test_dataset_refresh_reopens_sources_and_names_unknown_datasets(gateway: Gateway):
+    """`dataset refresh NAME` bumps the metadata version (running servers re-open the source); an unknown name fails
+    with a message that says what to do, and the dataset keeps streaming."""
+    out = gateway.cli("dataset", "refresh", DATASET)
+    assert DATASET in out and "re-open" in out, out
+    assert gateway.cli_json("dataset", "refresh", DATASET) == {"refreshed": DATASET}
+    proc = run_cli(gateway.bin, gateway.data_dir, "dataset", "refresh", "no_such_dataset", check=False)
+    assert proc.returncode != 0
+    assert "not registered" in proc.stderr and "dataset list" in proc.stderr, proc.stderr[:2000]
