@@ -115,6 +115,12 @@ pub enum Error {
     /// No REST endpoint at this path.
     #[error("no such endpoint")]
     NoSuchEndpoint,
+    /// Storage failed while a plan was being executed (a file vanished, the store is down); the
+    /// cause, which may name storage paths, is logged.
+    #[error(
+        "a dataset's storage could not be read right now; retry later (the operator can see the cause in the server log)"
+    )]
+    SourceFailed,
     /// A per-query limit was hit; the message names it.
     #[error("{message}")]
     ResourceExhausted { message: String },
@@ -155,6 +161,7 @@ impl Error {
             Error::Connector(_) => StatusClass::InvalidArgument,
             Error::SourceUnavailable { .. } => StatusClass::Unavailable,
             Error::ResourceExhausted { .. } => StatusClass::ResourceExhausted,
+            Error::SourceFailed => StatusClass::Unavailable,
             Error::DataFusion(e) => classify_datafusion(e),
             Error::Store { .. } | Error::Io { .. } | Error::Internal(_) => StatusClass::Internal,
         }
@@ -194,7 +201,9 @@ impl Error {
             Error::RegistryNotFound { .. } => "post consent to a registry your organisation owns",
             Error::NoSuchEndpoint => "see the README for the REST API",
             Error::PolicyRefused { .. } => "fix the policy file at the line named; the previous policy stays in force",
-            Error::SourceUnavailable { .. } => "retry later; the operator can see the cause in the server log",
+            Error::SourceUnavailable { .. } | Error::SourceFailed => {
+                "retry later; the operator can see the cause in the server log"
+            }
             Error::ResourceExhausted { .. } => {
                 "narrow the query (filter, LIMIT, aggregate) or ask the operator to raise the limit"
             }
@@ -291,6 +300,10 @@ impl From<DataFusionError> for Error {
     fn from(e: DataFusionError) -> Self {
         match unwrap_ours(e) {
             Ok(ours) => ours,
+            Err(e) if matches!(e.find_root(), DataFusionError::ObjectStore(_)) => {
+                tracing::error!(error = %e, "dataset storage failed");
+                Error::SourceFailed
+            }
             Err(e) => Error::DataFusion(Box::new(e)),
         }
     }
