@@ -42,16 +42,7 @@ pub async fn open(session: &dyn Session, spec: &SourceSpec) -> Result<Arc<dyn Ta
     let schema = options
         .infer_schema(session, &url)
         .await
-        .map_err(|e| match store_failure(&e) {
-            Some(reason) => Error::StoreAccess {
-                location: location.clone(),
-                reason,
-            },
-            None => Error::ReadSchema {
-                location: location.clone(),
-                source: Box::new(e),
-            },
-        })?;
+        .map_err(|e| read_error(&location, e))?;
     if schema.fields().is_empty() {
         return Err(Error::NoFiles {
             location,
@@ -84,16 +75,7 @@ pub async fn verify(session: &dyn Session, spec: &SourceSpec) -> Result<()> {
         reason: e.to_string(),
     })?;
     let format = file_format(session, spec.format);
-    let read = |e: datafusion::error::DataFusionError| match store_failure(&e) {
-        Some(reason) => Error::StoreAccess {
-            location: location.clone(),
-            reason,
-        },
-        None => Error::ReadSchema {
-            location: location.clone(),
-            source: Box::new(e),
-        },
-    };
+    let read = |e| read_error(&location, e);
     let store = session.runtime_env().object_store(&url).map_err(read)?;
     let files: Vec<_> = url
         .list_all_files(session, store.as_ref(), spec.format.extension())
@@ -152,6 +134,21 @@ fn file_format(session: &dyn Session, format: Format) -> Arc<dyn FileFormat> {
         Format::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
         Format::Ndjson => Arc::new(JsonFormat::default()),
         Format::Arrow => Arc::new(ArrowFormat),
+    }
+}
+
+/// A failure to list or read the location: in a few words for store failures, with the
+/// DataFusion error otherwise.
+fn read_error(location: &str, e: datafusion::error::DataFusionError) -> Error {
+    match store_failure(&e) {
+        Some(reason) => Error::StoreAccess {
+            location: location.to_string(),
+            reason,
+        },
+        None => Error::ReadSchema {
+            location: location.to_string(),
+            source: Box::new(e),
+        },
     }
 }
 

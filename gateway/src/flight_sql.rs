@@ -332,6 +332,17 @@ impl SqlService {
             .with_descriptor(desc))
     }
 
+    /// `metadata_info` as a handler's response.
+    async fn metadata_response(
+        &self,
+        request: Request<FlightDescriptor>,
+        command: Any,
+        schema: &Schema,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
+        let md = request.metadata().clone();
+        status(self.metadata_info(&md, request.into_inner(), command, schema).await).map(Response::new)
+    }
+
     /// The tables the caller may query for its purpose, with their post-policy schemas.
     async fn tables(&self, md: &MetadataMap, query: CommandGetTables) -> Result<DoGetStream> {
         let action = audit::Action::SqlMetadata;
@@ -365,6 +376,15 @@ impl SqlService {
         record(&self.node, md, Some(&caller), action, &target, Ok(&reason), true).await?;
         Ok(batch_stream(schema, batch))
     }
+}
+
+/// A metadata answer as a Flight stream.
+fn metadata_stream(
+    schema: SchemaRef,
+    built: arrow_flight::error::Result<RecordBatch>,
+) -> std::result::Result<Response<DoGetStream>, Status> {
+    let batch = status(built.map_err(metadata_error))?;
+    Ok(Response::new(batch_stream(schema, batch)))
 }
 
 /// Flight SQL handlers return `Status`; our errors convert once, here.
@@ -570,12 +590,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let schema = query.into_builder().schema();
-        let md = request.metadata().clone();
-        status(
-            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
-                .await,
-        )
-        .map(Response::new)
+        self.metadata_response(request, query.as_any(), &schema).await
     }
 
     async fn do_get_catalogs(
@@ -586,9 +601,7 @@ impl FlightSqlService for SqlService {
         status(self.authenticated(request.metadata(), audit::Action::SqlMetadata).await)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG);
-        let schema = builder.schema();
-        let batch = status(builder.build().map_err(metadata_error))?;
-        Ok(Response::new(batch_stream(schema, batch)))
+        metadata_stream(builder.schema(), builder.build())
     }
 
     async fn get_flight_info_schemas(
@@ -597,12 +610,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
-        let md = request.metadata().clone();
-        status(
-            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
-                .await,
-        )
-        .map(Response::new)
+        self.metadata_response(request, query.as_any(), &schema).await
     }
 
     async fn do_get_schemas(
@@ -613,9 +621,7 @@ impl FlightSqlService for SqlService {
         status(self.authenticated(request.metadata(), audit::Action::SqlMetadata).await)?;
         let mut builder = query.into_builder();
         builder.append(CATALOG, SCHEMA);
-        let schema = builder.schema();
-        let batch = status(builder.build().map_err(metadata_error))?;
-        Ok(Response::new(batch_stream(schema, batch)))
+        metadata_stream(builder.schema(), builder.build())
     }
 
     async fn get_flight_info_tables(
@@ -624,12 +630,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let schema = query.clone().into_builder().schema();
-        let md = request.metadata().clone();
-        status(
-            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
-                .await,
-        )
-        .map(Response::new)
+        self.metadata_response(request, query.as_any(), &schema).await
     }
 
     async fn do_get_tables(
@@ -646,12 +647,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let schema = query.into_builder().schema();
-        let md = request.metadata().clone();
-        status(
-            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
-                .await,
-        )
-        .map(Response::new)
+        self.metadata_response(request, query.as_any(), &schema).await
     }
 
     async fn do_get_table_types(
@@ -662,9 +658,7 @@ impl FlightSqlService for SqlService {
         status(self.authenticated(request.metadata(), audit::Action::SqlMetadata).await)?;
         let mut builder = query.into_builder();
         builder.append("TABLE");
-        let schema = builder.schema();
-        let batch = status(builder.build().map_err(metadata_error))?;
-        Ok(Response::new(batch_stream(schema, batch)))
+        metadata_stream(builder.schema(), builder.build())
     }
 
     async fn get_flight_info_sql_info(
@@ -674,12 +668,7 @@ impl FlightSqlService for SqlService {
     ) -> std::result::Result<Response<FlightInfo>, Status> {
         let infos = status(sql_info())?;
         let schema = query.clone().into_builder(&infos).schema();
-        let md = request.metadata().clone();
-        status(
-            self.metadata_info(&md, request.into_inner(), query.as_any(), &schema)
-                .await,
-        )
-        .map(Response::new)
+        self.metadata_response(request, query.as_any(), &schema).await
     }
 
     async fn do_get_sql_info(
@@ -690,9 +679,7 @@ impl FlightSqlService for SqlService {
         status(self.authenticated(request.metadata(), audit::Action::SqlMetadata).await)?;
         let infos = status(sql_info())?;
         let builder = query.into_builder(&infos);
-        let schema = builder.schema();
-        let batch = status(builder.build().map_err(metadata_error))?;
-        Ok(Response::new(batch_stream(schema, batch)))
+        metadata_stream(builder.schema(), builder.build())
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
