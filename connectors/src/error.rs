@@ -32,6 +32,9 @@ pub enum Error {
     /// A `[stores.<name>]` section is missing, of the wrong kind, or incomplete.
     #[error("store `{store}`: {reason}")]
     StoreConfig { store: String, reason: String },
+    /// The `csv` options of a manifest are not usable.
+    #[error("csv options: {reason}")]
+    InvalidCsvOptions { reason: String },
     /// The format is unknown.
     #[error("unknown format `{format}`; use parquet, csv, ndjson or arrow")]
     UnknownFormat { format: String },

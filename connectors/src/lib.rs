@@ -16,5 +16,5 @@ pub mod stores;
 
 pub use error::{Error, Result};
 pub use listing::{open, verify};
-pub use spec::{Format, SourceSpec};
+pub use spec::{CsvColumn, CsvOptions, Format, SourceSpec};
 pub use stores::{Secret, StoreKind, StoreOptions, Stores};

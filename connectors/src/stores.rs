@@ -327,6 +327,7 @@ mod tests {
             location: loc.into(),
             format: Format::Parquet,
             store: store.map(str::to_string),
+            csv: None,
         };
         stores.prepare(&spec("s3://bucket/p/", Some("lake"))).unwrap();
         stores.prepare(&spec("s3://bucket/q/", Some("lake"))).unwrap();

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use passerelle_connectors::{Format, SourceSpec};
+use passerelle_connectors::{CsvOptions, Format, SourceSpec};
 use passerelle_policies::{
     ColumnPolicy, DEFAULT_MIN_GROUP_SIZE, DatasetId, DatasetPolicy, LegalBasis, MemberState, Purpose, Release,
 };
@@ -26,6 +26,9 @@ pub struct Manifest {
     /// holding the credentials (manifests never carry secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// CSV dialect and optional explicit schema (`[csv]` table; `format = "csv"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csv: Option<CsvOptions>,
     /// Member state holding the data.
     pub member_state: MemberState,
     /// Organisation holding the data.
@@ -77,6 +80,7 @@ impl Manifest {
             location: self.location.clone(),
             format: self.format,
             store: self.store.clone(),
+            csv: self.csv.clone(),
         }
     }
 

@@ -511,6 +511,55 @@ def test_csv_on_s3(lake: Lake, local: Local):
                          "CSV rows (pseudonym as for the local demo, visit, lab)")
 
 
+def test_csv_dialect_explicit_schema_and_glob_on_s3(lake: Lake, local: Local):
+    """A registry export as national archives write them: `;`-separated, `'`-quoted, no header, postal codes with
+    leading zeros. The manifest's `[csv]` table states the dialect and the schema; a glob picks the export files out
+    of a prefix that also holds other CSV files of another shape."""
+    bucket, name = "lake-csv-dialect", "lake_csv_dialect"
+    new_bucket(lake, bucket)
+    subjects = local.consented[100:110] + local.not_consented[60:66]
+    rows = [(int(s), f"0{7000 + i}", f"Rue {i}; bât. B") for i, s in enumerate(subjects)]
+    for part in (0, 1):
+        body = "".join(f"{pid};'{postcode}';'{street}'\n" for pid, postcode, street in rows[part::2])
+        put(lake, bucket, f"exports/export-{part}.csv", body.encode())
+    put(lake, bucket, "exports/summary.csv", b"a;b;c;d;e\n1;2;3;4;5\n")  # not an export: the glob skips it
+    csv = {"header": False, "delimiter": ";", "quote": "'",
+           "schema": [{"name": "patient_id", "type": "Int64"}, {"name": "postcode", "type": "Utf8"},
+                      {"name": "street", "type": "Utf8"}]}
+    columns = {"patient_id": {"class": "identifier"}, "postcode": {"class": "non-personal"},
+               "street": {"class": "non-personal"}}
+
+    # A wrong option is refused with what to fix, and nothing is stored.
+    before = registered_names(lake)
+    bad = manifest(lake, name, f"s3://{bucket}/exports/export-*.csv", fmt="csv", columns=columns)
+    bad["csv"] = {**csv, "delimiter": "€"}
+    text = refusal(register(lake, bad), {400})
+    assert "delimiter" in text and "ASCII" in text, text
+    bad["csv"] = {**csv, "schema": [{"name": "patient_id", "type": "integer"}]}
+    assert "not an Arrow type" in refusal(register(lake, bad), {400})
+    assert_not_registered(lake, name, before)
+
+    # Without the glob, the other CSV file of five columns is named.
+    whole = manifest(lake, name, f"s3://{bucket}/exports/", fmt="csv", columns=columns)
+    whole["csv"] = csv
+    text = refusal(register(lake, whole), {400})
+    assert "summary.csv" in text and "5 columns" in text, text
+    assert_not_registered(lake, name, before)
+
+    good = manifest(lake, name, f"s3://{bucket}/exports/export-*.csv", fmt="csv", columns=columns)
+    good["csv"] = csv
+    register_ok(lake, good)
+    shown = http("GET", lake.gw.url(f"/api/v1/datasets/{name}"), key=lake.steward)
+    assert shown.status == 200 and shown.body["csv"]["delimiter"] == ";", shown.text[:500]
+    table = pull_dataset(lake, name)
+    assert table.schema.field("postcode").type == pa.string(), table.schema
+    ok = set(local.consented)
+    expected = [(local.pseudonym_of[str(pid)], pc, st) for pid, pc, st in rows if str(pid) in ok]
+    assert expected and len(expected) < len(rows)
+    assert_same_multiset(((r["patient_id"], r["postcode"], r["street"]) for r in table.to_pylist()), expected,
+                         "CSV rows with leading zeros kept and quoted delimiters inside fields")
+
+
 # ======================================================================================================================
 # (d) hive-style partitions
 # ======================================================================================================================
