@@ -109,7 +109,7 @@ impl Serialize for Secret {
 pub struct StoreOptions {
     /// `s3`, `azure`, `gcs` or `http`.
     pub kind: StoreKind,
-    /// Endpoint URL (S3-compatible servers, Azure emulators, private clouds).
+    /// Endpoint URL (S3-compatible servers, Azure account URLs and emulators, GCS base URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Region (S3).
@@ -142,8 +142,34 @@ fn default_timeout() -> u64 {
 }
 
 impl StoreOptions {
+    /// Refuses fields that do not apply to the store's kind: a field silently ignored (a GCS
+    /// `endpoint`, an Azure `region`) would send requests somewhere the operator did not mean.
+    pub fn validate(&self, name: &str) -> Result<()> {
+        let applies: &[&str] = match self.kind {
+            StoreKind::S3 => &["endpoint", "region", "access_key_id", "secret_access_key"],
+            StoreKind::Azure => &["endpoint", "access_key_id", "secret_access_key"],
+            StoreKind::Gcs => &["endpoint", "service_account_path"],
+            StoreKind::Http => &[],
+        };
+        let set = [
+            ("endpoint", self.endpoint.is_some()),
+            ("region", self.region.is_some()),
+            ("access_key_id", self.access_key_id.is_some()),
+            ("secret_access_key", self.secret_access_key.is_some()),
+            ("service_account_path", self.service_account_path.is_some()),
+        ];
+        match set.iter().find(|(field, on)| *on && !applies.contains(field)) {
+            Some((field, _)) => Err(Error::StoreConfig {
+                store: name.to_string(),
+                reason: format!("`{field}` does not apply to a {:?} store; remove it", self.kind),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The `object_store` builder options, secrets resolved.
     fn builder_options(&self, name: &str) -> Result<Vec<(String, String)>> {
+        self.validate(name)?;
         let mut out = vec![
             ("allow_http".to_string(), self.allow_http.to_string()),
             ("timeout".to_string(), format!("{}s", self.timeout_secs.max(1))),
@@ -167,6 +193,7 @@ impl StoreOptions {
                 put("azure_storage_account_key", secret);
             }
             StoreKind::Gcs => {
+                put("google_base_url", self.endpoint.clone());
                 put("google_service_account", self.service_account_path.clone());
             }
             StoreKind::Http => {}

@@ -60,10 +60,10 @@ pub enum Credentials {
 /// Parses an `authorization` header value.
 pub fn parse_authorization(value: &str) -> Result<Credentials> {
     let bad = Error::Unauthenticated {
-        reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`",
+        reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`".into(),
     };
     let (scheme, rest) = value.trim().split_once(' ').ok_or(Error::Unauthenticated {
-        reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`",
+        reason: "malformed authorization header; use `Bearer <key>` or `Basic <base64(name:key)>`".into(),
     })?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
@@ -71,13 +71,13 @@ pub fn parse_authorization(value: &str) -> Result<Credentials> {
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = BASE64_LENIENT.decode(rest).map_err(|_| Error::Unauthenticated {
-            reason: "basic credentials are not valid base64",
+            reason: "basic credentials are not valid base64".into(),
         })?;
         let text = String::from_utf8(decoded).map_err(|_| Error::Unauthenticated {
-            reason: "basic credentials are not UTF-8",
+            reason: "basic credentials are not UTF-8".into(),
         })?;
         let (name, key) = text.split_once(':').ok_or(Error::Unauthenticated {
-            reason: "basic credentials must be `name:key`",
+            reason: "basic credentials must be `name:key`".into(),
         })?;
         return Ok(Credentials::Basic {
             name: name.to_string(),

@@ -19,13 +19,9 @@ use crate::node::Node;
 #[command(name = "passerelle", version, about)]
 pub struct Cli {
     /// Data directory (database, keys, demo data); created on first use.
-    #[arg(
-        long,
-        global = true,
-        env = "PASSERELLE_DATA_DIR",
-        default_value = "./passerelle-data"
-    )]
-    pub data_dir: PathBuf,
+    /// (Default: the config file's `data_dir` where a command reads one, else `./passerelle-data`.)
+    #[arg(long = "data-dir", global = true, env = "PASSERELLE_DATA_DIR")]
+    pub data_dir_arg: Option<PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -247,6 +243,17 @@ fn print(json_mode: bool, value: serde_json::Value, human: impl FnOnce() -> Stri
     }
 }
 
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./passerelle-data")
+}
+
+impl Cli {
+    /// The data directory of commands that read no config file.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir_arg.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
 /// Merges defaults, the config file, and flags.
 pub fn effective_config(
     cli: &Cli,
@@ -257,7 +264,12 @@ pub fn effective_config(
         Some(p) => GatewayConfig::load(p).with_context(|| format!("loading {}", p.display()))?,
         None => GatewayConfig::default(),
     };
-    cfg.data_dir = Some(cli.data_dir.clone());
+    cfg.data_dir = Some(
+        cli.data_dir_arg
+            .clone()
+            .or(cfg.data_dir)
+            .unwrap_or_else(default_data_dir),
+    );
     if let Some(s) = serve {
         if let Some(a) = &s.flight_addr {
             cfg.server.flight_addr = a.clone();
@@ -286,7 +298,7 @@ async fn run_policy(cli: &Cli, node: &Node, cmd: &PolicyCmd) -> anyhow::Result<(
             config,
         } => {
             let cfg = effective_config(cli, config.as_ref(), None)?;
-            let node = Node::open_with(&cli.data_dir, cfg.policy).await?;
+            let node = Node::open_with(&cfg.data_dir.clone().unwrap_or_else(default_data_dir), cfg.policy).await?;
             node.refresh().await.context("loading policy and consent")?;
             let e = crate::explain::explain(&node, None, principal, dataset, &Purpose::parse(purpose)?).await?;
             print(j, serde_json::to_value(&e)?, || e.render());
@@ -348,14 +360,14 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let node = Node::open(&cli.data_dir)
+    let node = Node::open(&cli.data_dir())
         .await
-        .with_context(|| format!("opening data directory {}", cli.data_dir.display()))?;
+        .with_context(|| format!("opening data directory {}", cli.data_dir().display()))?;
     match &cli.command {
         Command::Serve(_) | Command::Config(_) => bail!("not an admin command"),
         Command::Policy(cmd) => run_policy(cli, &node, cmd).await?,
         Command::Keys(KeysCmd::RotatePseudonym) => {
-            let v = crate::node::rotate_pseudonym_key(&cli.data_dir)?;
+            let v = crate::node::rotate_pseudonym_key(&cli.data_dir())?;
             print(j, json!({ "pseudonym_key_version": v }), || {
                 format!("pseudonym key rotated to version {v}; running servers use it within a second")
             });

@@ -93,6 +93,9 @@ pub struct GatewayConfig {
     pub sql: crate::sql::SqlOptions,
     /// How opened sources are reused.
     pub sources: SourceOptions,
+    /// TLS for both listeners, and client certificates (`[tls]`); absent: plain TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsOptions>,
     /// Object stores by name (`[stores.<name>]`); manifests refer to them by name.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub stores: std::collections::BTreeMap<String, passerelle_connectors::StoreOptions>,
@@ -142,6 +145,9 @@ impl GatewayConfig {
             ));
         }
         self.sql.validate()?;
+        for (name, store) in &self.stores {
+            store.validate(name)?;
+        }
         if self.demo.rows == 0 {
             return Err(Error::invalid("demo.rows must be at least 1", "the default is 1000000"));
         }

@@ -65,7 +65,7 @@ impl StatusClass {
 pub enum Error {
     /// Missing or wrong credentials.
     #[error("{reason}")]
-    Unauthenticated { reason: &'static str },
+    Unauthenticated { reason: std::borrow::Cow<'static, str> },
     /// The dataset does not exist or the caller may not see it (same message for both).
     #[error("dataset `{name}` not found")]
     DatasetNotFound { name: String },

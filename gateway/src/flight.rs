@@ -376,7 +376,7 @@ impl FlightService for FlightHandler {
         let md = request.metadata().clone();
         let login = || -> Result<(Principal, String)> {
             let value = header(&md, "authorization").ok_or(Error::Unauthenticated {
-                reason: "missing authorization header",
+                reason: "missing authorization header".into(),
             })?;
             let principal = self.node.authenticate(Some(value))?;
             let key = match crate::auth::parse_authorization(value)? {

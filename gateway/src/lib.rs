@@ -33,5 +33,6 @@ pub mod node;
 pub mod sql;
 pub mod startup;
 pub mod ticket;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -19,7 +19,13 @@ async fn main() -> anyhow::Result<()> {
     let cfg = effective_config(&cli, args.config.as_ref(), Some(args))?;
     let app = Application::build(&cfg).await.context("starting the gateway")?;
     if cfg.demo.enabled {
-        let keys = std::fs::read_to_string(cli.data_dir.join("demo-keys.json")).context("reading demo-keys.json")?;
+        let keys = std::fs::read_to_string(
+            cfg.data_dir
+                .clone()
+                .unwrap_or_else(|| cli.data_dir())
+                .join("demo-keys.json"),
+        )
+        .context("reading demo-keys.json")?;
         let keys: serde_json::Value = serde_json::from_str(&keys).context("parsing demo-keys.json")?;
         let key = keys["trainer-de"]["key"].as_str().unwrap_or("<see demo-keys.json>");
         println!("{}", passerelle::demo::snippet(&app.flight_addr().to_string(), key));

@@ -35,6 +35,7 @@ pub struct Snapshot {
     /// Registered datasets by name.
     pub datasets: BTreeMap<String, Arc<Manifest>>,
     principals_by_hash: HashMap<String, Principal>,
+    principals_by_name: HashMap<String, Principal>,
     /// The enforcer built from the store.
     pub authorizer: Arc<Authorizer>,
     /// Fingerprint of the policy files' contents this snapshot was built from.
@@ -77,6 +78,9 @@ pub struct Node {
     bad_policy: std::sync::Mutex<Option<(u64, String)>>,
     /// How long tickets live.
     pub ticket_ttl: Duration,
+    /// Whether callers without a client certificate may use API keys (`[tls] allow_bearer`;
+    /// always true without TLS).
+    pub allow_bearer: bool,
     /// Limits on governed SQL.
     pub sql: crate::sql::SqlOptions,
     /// Threads that run SQL plans.
@@ -300,6 +304,7 @@ impl Node {
             meta_version: u64::MAX,
             datasets: BTreeMap::new(),
             principals_by_hash: HashMap::new(),
+            principals_by_name: HashMap::new(),
             authorizer: Arc::new(authorizer),
             policy_stamp: 0,
         };
@@ -314,6 +319,7 @@ impl Node {
             policy,
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
+            allow_bearer: true,
             sql: crate::sql::SqlOptions::default(),
             stores: passerelle_connectors::Stores::default(),
             source_ttl: Duration::from_secs(60),
@@ -413,6 +419,10 @@ impl Node {
                 .into_iter()
                 .map(|m| (m.name.to_string(), Arc::new(m)))
                 .collect(),
+            principals_by_name: principals
+                .iter()
+                .map(|p| (p.principal.name.clone(), p.principal.clone()))
+                .collect(),
             principals_by_hash: principals.into_iter().map(|p| (p.key_hash, p.principal)).collect(),
             authorizer: Arc::new(authorizer),
             policy_stamp: texts.stamp,
@@ -467,11 +477,54 @@ impl Node {
         })
     }
 
-    /// Resolves an `authorization` header to a principal.
+    /// Resolves the caller: the verified client certificate of the request's TLS connection,
+    /// if any (its CN, O and C must match a registered principal), else the `authorization`
+    /// header. A key sent along with a certificate must be that principal's.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Principal> {
-        let header = header.ok_or(Error::Unauthenticated {
-            reason: "missing authorization header",
-        })?;
+        let unauthenticated = |reason: String| Error::Unauthenticated { reason: reason.into() };
+        match crate::tls::current_peer_cert() {
+            Some(cert) => {
+                let snap = self.snapshot();
+                let principal = snap.principals_by_name.get(&cert.common_name).ok_or_else(|| {
+                    unauthenticated(format!(
+                        "client certificate names `{}`, which is not a registered principal",
+                        cert.common_name
+                    ))
+                })?;
+                if cert.organisation.as_deref() != Some(principal.org.as_str()) {
+                    return Err(unauthenticated(format!(
+                        "client certificate organisation (O) `{}` does not match principal `{}`'s organisation",
+                        cert.organisation.as_deref().unwrap_or(""),
+                        principal.name
+                    )));
+                }
+                if cert.country.as_deref() != Some(principal.member_state.as_str()) {
+                    return Err(unauthenticated(format!(
+                        "client certificate member state (C) `{}` does not match principal `{}`'s member state",
+                        cert.country.as_deref().unwrap_or(""),
+                        principal.name
+                    )));
+                }
+                if let Some(h) = header {
+                    let by_key = self.authenticate_key(h)?;
+                    if by_key.name != principal.name {
+                        return Err(unauthenticated(
+                            "the authorization header names another principal than the client certificate".into(),
+                        ));
+                    }
+                }
+                Ok(principal.clone())
+            }
+            None if !self.allow_bearer => Err(unauthenticated(
+                "this node requires a client certificate issued by a trusted member-state authority".into(),
+            )),
+            None => self.authenticate_key(header.ok_or(Error::Unauthenticated {
+                reason: "missing authorization header".into(),
+            })?),
+        }
+    }
+
+    fn authenticate_key(&self, header: &str) -> Result<Principal> {
         let (key, claimed_name) = match auth::parse_authorization(header)? {
             Credentials::Bearer(k) => (k, None),
             Credentials::Basic { name, key } => (key, Some(name)),
@@ -479,12 +532,12 @@ impl Node {
         let hash = auth::hash_key(&key);
         let snap = self.snapshot();
         let wrong = Error::Unauthenticated {
-            reason: "unknown or revoked key",
+            reason: "unknown or revoked key".into(),
         };
         let (stored_hash, principal) = snap.principals_by_hash.get_key_value(&hash).ok_or(wrong)?;
         if !auth::hashes_equal(stored_hash, &hash) || claimed_name.is_some_and(|n| n != principal.name) {
             return Err(Error::Unauthenticated {
-                reason: "unknown or revoked key",
+                reason: "unknown or revoked key".into(),
             });
         }
         Ok(principal.clone())

@@ -8,6 +8,7 @@ use std::time::Duration;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::GatewayConfig;
@@ -24,6 +25,7 @@ const MAX_ENCODING_MESSAGE: usize = 64 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Application {
     node: Arc<Node>,
+    tls: Option<crate::tls::TlsOptions>,
     flight: TcpListener,
     http: TcpListener,
     flight_addr: SocketAddr,
@@ -42,6 +44,11 @@ impl Application {
             n.sql = cfg.sql.clone();
             n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
             n.source_ttl = Duration::from_secs(cfg.sources.cache_ttl_secs);
+            n.allow_bearer = cfg.tls.as_ref().is_none_or(|t| t.allow_bearer);
+        }
+        if let Some(tls) = &cfg.tls {
+            // Fail at start, naming the file, rather than at the first handshake.
+            crate::tls::build_acceptor(tls, crate::tls::Protocol::Grpc)?;
         }
         if cfg.demo.enabled {
             crate::demo::ensure_demo(&node, cfg.demo.rows).await?;
@@ -64,8 +71,7 @@ impl Application {
             })
         };
         let (flight_addr, http_addr) = (local(&flight)?, local(&http)?);
-        let serve_json =
-            serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string() });
+        let serve_json = serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string(), "tls": cfg.tls.is_some() });
         let path = data_dir.join("serve.json");
         let tmp = data_dir.join("serve.json.tmp");
         std::fs::write(&tmp, serve_json.to_string()).map_err(|source| Error::Io {
@@ -81,6 +87,7 @@ impl Application {
         tracing::info!(%flight_addr, %http_addr, data_dir = %data_dir.display(), "listening");
         Ok(Self {
             node,
+            tls: cfg.tls.clone(),
             flight,
             http,
             flight_addr,
@@ -110,12 +117,37 @@ impl Application {
         let svc = FlightServiceServer::new(FlightHandler::new(Arc::clone(&self.node)))
             .max_decoding_message_size(MAX_DECODING_MESSAGE)
             .max_encoding_message_size(MAX_ENCODING_MESSAGE);
-        let flight = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.flight), wait(shutdown.clone()));
-        let http = axum::serve(self.http, crate::admin::router(Arc::clone(&self.node)))
-            .with_graceful_shutdown(wait(shutdown.clone()));
-        let (f, h) = tokio::join!(flight, async { http.await });
+        let router = crate::admin::router(Arc::clone(&self.node));
+        let (f, h) = match &self.tls {
+            None => {
+                let flight = tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(self.flight), wait(shutdown.clone()));
+                let http = axum::serve(self.http, router).with_graceful_shutdown(wait(shutdown.clone()));
+                tokio::join!(flight, async { http.await })
+            }
+            Some(tls) => {
+                use crate::tls::{PeerInfo, PeerScopeLayer, Protocol, ReloadingAcceptor, TlsListener};
+                let grpc = ReloadingAcceptor::start(tls, Protocol::Grpc, shutdown.clone())?;
+                let rest = ReloadingAcceptor::start(tls, Protocol::Http, shutdown.clone())?;
+                let conns = crate::tls::accept_loop(self.flight, grpc, shutdown.clone());
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
+                let flight = tonic::transport::Server::builder()
+                    .layer(PeerScopeLayer)
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming, wait(shutdown.clone()));
+                let listener = TlsListener::new(self.http, rest, shutdown.clone()).map_err(|source| Error::Io {
+                    op: "tls listener",
+                    path: String::new(),
+                    source,
+                })?;
+                let app = router
+                    .layer(axum::middleware::from_fn(crate::tls::scope_rest_peer))
+                    .into_make_service_with_connect_info::<PeerInfo>();
+                let http = axum::serve(listener, app).with_graceful_shutdown(wait(shutdown.clone()));
+                tokio::join!(flight, async { http.await })
+            }
+        };
         refresher.abort();
         f.map_err(|e| Error::Internal(format!("flight server: {e}")))?;
         h.map_err(|source| Error::Io {

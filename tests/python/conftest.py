@@ -23,6 +23,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -377,8 +378,9 @@ class HttpResponse:
 
 
 def http(method: str, url: str, *, key: str | None = None, body: Any = None, raw: bytes | None = None,
-         headers: dict[str, str] | None = None) -> HttpResponse:
-    """One request; `body` is sent as JSON, `raw` as given (with a JSON content type)."""
+         headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> HttpResponse:
+    """One request; `body` is sent as JSON, `raw` as given (with a JSON content type). `context` is the TLS context of
+    an https:// URL (trust anchors, client certificate)."""
     data = None
     hdrs = {"accept": "application/json"}
     if key is not None:
@@ -389,7 +391,7 @@ def http(method: str, url: str, *, key: str | None = None, body: Any = None, raw
     hdrs.update(headers or {})
     req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
     try:
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT, context=context) as resp:
             status, raw, rh = resp.status, resp.read(), resp.headers
     except urllib.error.HTTPError as err:
         status, raw, rh = err.code, err.read(), err.headers

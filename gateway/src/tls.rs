@@ -1,0 +1,466 @@
+//! TLS with OpenSSL for both listeners, and identities from client certificates.
+//!
+//! Member-state authorities issue X.509 certificates; a node trusts the CA bundle of its
+//! configuration (`[tls] client_ca`) and maps a verified client certificate to a registered
+//! principal: subject CN = principal name, O = organisation, C = member state.
+//!
+//! ```text
+//!  TcpListener ─accept─► handshake task (10 s limit) ─► TlsConn{SslStream, PeerInfo} ─► tonic / axum
+//!                                                          │
+//!  every request of the connection runs inside PEER.scope(cert identity) ─► Node::authenticate
+//! ```
+//!
+//! Handshakes run in their own tasks so that one slow client cannot hold up `accept`. The
+//! acceptor is rebuilt when the certificate, key or CA files change; a file that does not load
+//! leaves the previous acceptor in force.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::http;
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::ssl::{AlpnError, Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode, SslVersion, select_next_proto};
+use openssl::x509::{X509NameRef, X509Ref};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_openssl::SslStream;
+
+use crate::error::{Error, Result};
+
+/// `[tls]`: serve both ports over TLS, optionally verifying client certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsOptions {
+    /// Server certificate, PEM (the chain may follow the leaf).
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// Trust anchors for client certificates (PEM bundle). Without it, no client certificate is
+    /// requested and callers use bearer keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse the handshake of a client without a valid certificate.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// Accept bearer keys (and basic-auth handshakes) from clients without a certificate.
+    #[serde(default = "yes")]
+    pub allow_bearer: bool,
+    /// How often the certificate, key and CA files are checked for changes, in seconds.
+    #[serde(default = "default_reload_secs")]
+    pub reload_secs: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_reload_secs() -> u64 {
+    10
+}
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once per listener; further connections wait in the kernel backlog.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    /// Subject CN: the principal's name.
+    pub common_name: String,
+    /// Subject O: the organisation.
+    pub organisation: Option<String>,
+    /// Subject C: the member state.
+    pub country: Option<String>,
+    /// SHA-256 of the DER certificate, hex (for logs and the audit).
+    pub fingerprint: String,
+}
+
+impl CertIdentity {
+    fn from_cert(cert: &X509Ref) -> Option<Self> {
+        let name = cert.subject_name();
+        let fingerprint = cert
+            .digest(MessageDigest::sha256())
+            .map(|d| crate::auth::hex(&d))
+            .unwrap_or_default();
+        Some(Self {
+            common_name: entry(name, Nid::COMMONNAME)?,
+            organisation: entry(name, Nid::ORGANIZATIONNAME),
+            country: entry(name, Nid::COUNTRYNAME),
+            fingerprint,
+        })
+    }
+}
+
+fn entry(name: &X509NameRef, nid: Nid) -> Option<String> {
+    name.entries_by_nid(nid)
+        .next()
+        .and_then(|e| String::from_utf8(e.data().as_slice().to_vec()).ok())
+}
+
+/// The peer of a TLS connection, handed to every request on it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Remote address.
+    pub remote: Option<SocketAddr>,
+    /// The verified client certificate's identity, if one was presented.
+    pub cert: Option<Arc<CertIdentity>>,
+}
+
+tokio::task_local! {
+    static PEER: Option<Arc<CertIdentity>>;
+}
+
+/// The client certificate of the connection the current request came on. Outside a TLS
+/// connection (plain listeners, in-process calls) there is none.
+pub fn current_peer_cert() -> Option<Arc<CertIdentity>> {
+    PEER.try_with(Clone::clone).ok().flatten()
+}
+
+/// Runs `fut` as a request of a connection whose peer presented `cert`.
+pub async fn with_peer<F: Future>(cert: Option<Arc<CertIdentity>>, fut: F) -> F::Output {
+    PEER.scope(cert, fut).await
+}
+
+/// Protocols a listener speaks (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC: HTTP/2 only.
+    Grpc,
+    /// REST: HTTP/1.1 or HTTP/2.
+    Http,
+}
+
+impl Protocol {
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::Grpc => b"\x02h2",
+            Protocol::Http => b"\x02h2\x08http/1.1",
+        }
+    }
+}
+
+fn tls_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::invalid(
+        format!("[tls] {what} `{}`: {e}", path.display()),
+        "check the [tls] paths and that the files are PEM; see deploy/certs/gen.sh",
+    )
+}
+
+/// Builds an acceptor: Mozilla's intermediate profile (TLS 1.2 and 1.3, forward-secret AEAD
+/// ciphers), the server certificate, and client verification against `client_ca`.
+pub fn build_acceptor(opts: &TlsOptions, protocol: Protocol) -> Result<SslAcceptor> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
+        .map_err(|e| Error::Internal(format!("openssl: {e}")))?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(|e| Error::Internal(format!("openssl: {e}")))?;
+    b.set_certificate_chain_file(&opts.cert)
+        .map_err(|e| tls_error("cannot load the certificate", &opts.cert, e))?;
+    b.set_private_key_file(&opts.key, SslFiletype::PEM)
+        .map_err(|e| tls_error("cannot load the private key", &opts.key, e))?;
+    b.check_private_key()
+        .map_err(|e| tls_error("the private key does not match the certificate", &opts.key, e))?;
+    if let Some(ca) = &opts.client_ca {
+        b.set_ca_file(ca)
+            .map_err(|e| tls_error("cannot load the client CA bundle", ca, e))?;
+        let names = openssl::x509::X509Name::load_client_ca_file(ca)
+            .map_err(|e| tls_error("cannot load the client CA bundle", ca, e))?;
+        b.set_client_ca_list(names);
+        let mut mode = SslVerifyMode::PEER;
+        if opts.require_client_cert {
+            mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
+        }
+        b.set_verify(mode);
+    } else if opts.require_client_cert {
+        return Err(Error::invalid(
+            "[tls] require_client_cert = true needs client_ca",
+            "name the CA bundle that issues client certificates",
+        ));
+    }
+    let ours = protocol.alpn();
+    b.set_alpn_select_callback(move |_, client| select_next_proto(ours, client).ok_or(AlpnError::NOACK));
+    Ok(b.build())
+}
+
+/// An acceptor that follows its files: checked every `reload_secs`, swapped atomically when
+/// they change and load; kept when they do not.
+#[derive(Clone)]
+pub struct ReloadingAcceptor {
+    current: Arc<RwLock<Arc<SslAcceptor>>>,
+}
+
+impl std::fmt::Debug for ReloadingAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadingAcceptor { .. }")
+    }
+}
+
+fn stamps(opts: &TlsOptions) -> Vec<Option<(SystemTime, u64)>> {
+    [Some(&opts.cert), Some(&opts.key), opts.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+impl ReloadingAcceptor {
+    /// Loads the files now (errors are the caller's) and watches them until `shutdown`.
+    pub fn start(opts: &TlsOptions, protocol: Protocol, mut shutdown: watch::Receiver<bool>) -> Result<Self> {
+        let current = Arc::new(RwLock::new(Arc::new(build_acceptor(opts, protocol)?)));
+        let this = Self {
+            current: Arc::clone(&current),
+        };
+        let opts = opts.clone();
+        tokio::spawn(async move {
+            let mut seen = stamps(&opts);
+            let mut tick = tokio::time::interval(Duration::from_secs(opts.reload_secs.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => break,
+                }
+                let now = stamps(&opts);
+                if now == seen {
+                    continue;
+                }
+                match build_acceptor(&opts, protocol) {
+                    Ok(a) => {
+                        *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
+                        seen = now;
+                        tracing::info!(cert = %opts.cert.display(), "TLS certificate reloaded");
+                    }
+                    // Files are often replaced one by one: retry at the next tick.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS files changed but do not load; keeping the previous ones")
+                    }
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    fn get(&self) -> Arc<SslAcceptor> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A TLS connection with its peer's identity.
+pub struct TlsConn {
+    inner: SslStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl TlsConn {
+    /// The peer.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.info
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+/// Accepts TCP connections and hands over finished TLS connections. Failed handshakes (no
+/// certificate, untrusted CA, expired, plain-text clients) are logged and dropped.
+pub fn accept_loop(
+    listener: TcpListener,
+    acceptor: ReloadingAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) -> mpsc::Receiver<TlsConn> {
+    let (tx, rx) = mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&pending).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.changed() => break,
+            };
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let acceptor = acceptor.get();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, tcp, remote)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(conn).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    rx
+}
+
+async fn handshake(acceptor: &SslAcceptor, tcp: TcpStream, remote: SocketAddr) -> io::Result<TlsConn> {
+    let _ = tcp.set_nodelay(true);
+    let ssl = Ssl::new(acceptor.context()).map_err(io::Error::other)?;
+    let mut stream = SslStream::new(ssl, tcp).map_err(io::Error::other)?;
+    Pin::new(&mut stream).accept().await.map_err(|e| {
+        let reason = e.ssl_error().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+        io::Error::other(reason)
+    })?;
+    let cert = stream
+        .ssl()
+        .peer_certificate()
+        .and_then(|c| CertIdentity::from_cert(&c))
+        .map(Arc::new);
+    Ok(TlsConn {
+        inner: stream,
+        info: PeerInfo {
+            remote: Some(remote),
+            cert,
+        },
+    })
+}
+
+/// TLS connections as an axum listener.
+pub struct TlsListener {
+    rx: mpsc::Receiver<TlsConn>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    /// Listens on `listener` with `acceptor` until `shutdown`.
+    pub fn new(
+        listener: TcpListener,
+        acceptor: ReloadingAcceptor,
+        shutdown: watch::Receiver<bool>,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(Self {
+            rx: accept_loop(listener, acceptor, shutdown),
+            local,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConn;
+    type Addr = PeerInfo;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => {
+                let info = conn.info.clone();
+                (conn, info)
+            }
+            // The accept loop ended (shutdown): wait for axum's graceful shutdown to stop us.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(PeerInfo {
+            remote: Some(self.local),
+            cert: None,
+        })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerInfo {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// axum middleware: runs the request with its connection's client certificate in scope.
+pub async fn scope_rest_peer(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let cert = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<PeerInfo>>()
+        .and_then(|c| c.0.cert.clone());
+    with_peer(cert, next.run(req)).await
+}
+
+/// tower layer for the gRPC server: the same for each gRPC call (tonic puts the connection's
+/// [`PeerInfo`] in the request extensions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerScopeLayer;
+
+impl<S> tower::Layer<S> for PeerScopeLayer {
+    type Service = PeerScope<S>;
+    fn layer(&self, inner: S) -> PeerScope<S> {
+        PeerScope(inner)
+    }
+}
+
+/// See [`PeerScopeLayer`].
+#[derive(Debug, Clone)]
+pub struct PeerScope<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for PeerScope<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let cert = req.extensions().get::<PeerInfo>().and_then(|p| p.cert.clone());
+        let fut = self.0.call(req);
+        Box::pin(with_peer(cert, fut))
+    }
+}
