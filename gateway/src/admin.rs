@@ -34,6 +34,9 @@ pub fn router(node: Arc<Node>) -> Router {
             post(consent_events).layer(DefaultBodyLimit::max(CONSENT_BODY_LIMIT)),
         )
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/audit/verify", get(audit_verify))
+        .route("/api/v1/audit/checkpoint", get(audit_checkpoint))
+        .route("/api/v1/keys", get(keys))
         .route("/api/v1/policy/explain", get(explain))
         .route("/api/v1/datasets/{name}/rules", post(add_rule))
         .fallback(|| async { Error::NoSuchEndpoint })
@@ -276,23 +279,48 @@ async fn add_rule(
     Ok((StatusCode::CREATED, Json(json!({ "id": id, "line": line }))))
 }
 
-async fn audit(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    query: std::result::Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>> {
-    let who = caller(&node, &headers)?;
+fn require_auditor(node: &Node, headers: &HeaderMap) -> Result<Principal> {
+    let who = caller(node, headers)?;
     if !matches!(who.role, Role::Auditor | Role::Admin) {
         return Err(Error::PermissionDenied {
             reason: format!("role `{}` may not read the audit log; auditors may", who.role.as_str()),
         });
     }
+    Ok(who)
+}
+
+async fn audit(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    query: std::result::Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>> {
+    require_auditor(&node, &headers)?;
     let Query(q) = query.map_err(|e| {
         Error::invalid(
             format!("bad query string: {e}"),
-            "use ?dataset=NAME&principal=NAME&limit=N",
+            "use ?dataset=&principal=&decision=allow|deny&since=&until=(RFC 3339)&before_id=&limit=",
         )
     })?;
+    q.validate()?;
     let rows = node.audit.list(&q).await?;
     Ok(Json(serde_json::to_value(rows).unwrap_or(Value::Null)))
+}
+
+/// Recomputes the hash chain (auditors).
+async fn audit_verify(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<Value>> {
+    require_auditor(&node, &headers)?;
+    let v = node.audit.verify().await?;
+    Ok(Json(serde_json::to_value(v).unwrap_or(Value::Null)))
+}
+
+/// A signed checkpoint of the chain (auditors), to keep outside the node.
+async fn audit_checkpoint(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<Value>> {
+    require_auditor(&node, &headers)?;
+    let cp = node.audit.checkpoint(node.node_id(), &node.node_key).await?;
+    Ok(Json(serde_json::to_value(cp).unwrap_or(Value::Null)))
+}
+
+/// The node's verification keys: public, so peers and notaries need no account.
+async fn keys(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(json!({ "node_id": node.node_id(), "keys": [node.node_key.jwk()] }))
 }

@@ -220,8 +220,33 @@ pub enum AuditCmd {
         dataset: Option<String>,
         #[arg(long)]
         principal: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        decision: Option<String>,
+        /// Entries at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Entries before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Entries with a smaller id (the next page).
+        #[arg(long)]
+        before_id: Option<i64>,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+    },
+    /// Recompute the hash chain; exits non-zero naming the first entry that does not match.
+    Verify {
+        /// Also check a checkpoint saved earlier (`audit checkpoint`): the chain must still pass
+        /// through it and it must carry this node's signature.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print a signed checkpoint (entry count and head hash) to keep outside the node.
+    Checkpoint {
+        /// The node's configuration (for `node_id`).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -499,19 +524,63 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
                 || format!("withdrawal recorded (consent version {version}); running servers apply it within a second"),
             );
         }
+        Command::Audit(AuditCmd::Verify { checkpoint }) => {
+            let v = match checkpoint {
+                None => node.audit.verify().await?,
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                    let cp: crate::audit::Checkpoint = serde_json::from_str(&text).with_context(|| {
+                        format!("{} is not a checkpoint (JSON from `audit checkpoint`)", path.display())
+                    })?;
+                    node.audit.verify_checkpoint(&cp, &node.node_key).await?
+                }
+            };
+            print(j, serde_json::to_value(&v)?, || {
+                if v.ok {
+                    format!(
+                        "audit chain verified: {} entries, {} links, head {}",
+                        v.entries, v.links, v.head
+                    )
+                } else {
+                    format!(
+                        "audit chain BROKEN: {}",
+                        v.reason.as_deref().unwrap_or("unknown reason")
+                    )
+                }
+            });
+            if !v.ok {
+                match v.first_broken_entry {
+                    Some(id) => anyhow::bail!("audit verification failed at entry {id}"),
+                    None => anyhow::bail!("audit verification failed"),
+                }
+            }
+        }
+        Command::Audit(AuditCmd::Checkpoint { config }) => {
+            let cfg = effective_config(cli, config.as_ref(), None)?;
+            let node_id = cfg.node_id.clone().unwrap_or_else(|| node.node_id().to_string());
+            let cp = node.audit.checkpoint(&node_id, &node.node_key).await?;
+            println!("{}", serde_json::to_string_pretty(&cp)?);
+        }
         Command::Audit(AuditCmd::List {
             dataset,
             principal,
+            decision,
+            since,
+            until,
+            before_id,
             limit,
         }) => {
-            let rows = node
-                .audit
-                .list(&AuditQuery {
-                    dataset: dataset.clone(),
-                    principal: principal.clone(),
-                    limit: Some(*limit),
-                })
-                .await?;
+            let q = AuditQuery {
+                dataset: dataset.clone(),
+                principal: principal.clone(),
+                decision: decision.clone(),
+                since: since.clone(),
+                until: until.clone(),
+                before_id: *before_id,
+                limit: Some(*limit),
+            };
+            q.validate()?;
+            let rows = node.audit.list(&q).await?;
             print(j, serde_json::to_value(&rows)?, || {
                 rows.iter()
                     .map(|r| {

@@ -81,6 +81,9 @@ impl Default for DemoOptions {
 pub struct GatewayConfig {
     /// Data directory (database, keys, demo data).
     pub data_dir: Option<PathBuf>,
+    /// This node's name in tickets, checkpoints and federation (default `passerelle-<key id>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     /// Listen addresses.
     pub server: ServerOptions,
     /// Tickets.

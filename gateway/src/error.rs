@@ -139,7 +139,7 @@ impl Error {
     }
 
     /// Wraps a sqlx error with the operation that failed.
-    pub fn store(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+    pub fn store(op: &'static str) -> impl Fn(sqlx::Error) -> Self + Copy {
         move |source| Error::Store {
             op,
             source: Box::new(source),

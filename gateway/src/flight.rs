@@ -234,7 +234,6 @@ impl FlightHandler {
             .with_ordered(false);
         if with_ticket {
             let claims = TicketClaims {
-                v: 1,
                 principal: caller.principal.name.clone(),
                 purpose: caller.purpose.to_string(),
                 dataset: cmd.dataset.clone(),
@@ -244,6 +243,7 @@ impl FlightHandler {
                 exp: chrono::Utc::now().timestamp() + self.node.ticket_ttl.as_secs() as i64,
                 nonce: rand::random(),
                 sql: None,
+                ..self.node.claims_for(&caller.principal)
             };
             info = info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(self.node.tickets.sign(&claims)?)));
         }

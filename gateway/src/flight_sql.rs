@@ -167,7 +167,6 @@ impl SqlService {
     /// Signs a statement for this caller: a prepared-statement handle or a DoGet ticket.
     fn sign(&self, caller: &Caller, claim: SqlClaim, ttl_secs: i64) -> Result<Vec<u8>> {
         self.node.tickets.sign(&TicketClaims {
-            v: 1,
             principal: caller.principal.name.clone(),
             purpose: caller.purpose.to_string(),
             dataset: String::new(),
@@ -177,6 +176,7 @@ impl SqlService {
             exp: chrono::Utc::now().timestamp() + ttl_secs,
             nonce: rand::random(),
             sql: Some(claim),
+            ..self.node.claims_for(&caller.principal)
         })
     }
 

@@ -30,6 +30,7 @@ pub mod flight_sql;
 pub mod manifest;
 pub mod meta;
 pub mod node;
+pub mod signing;
 pub mod sql;
 pub mod startup;
 pub mod ticket;

@@ -71,6 +71,9 @@ pub struct Node {
     pub consent: Arc<ConsentIndex>,
     /// Ticket signing.
     pub tickets: TicketSigner,
+    /// The node's Ed25519 identity key (tickets, audit checkpoints; published at
+    /// `/api/v1/keys`).
+    pub node_key: Arc<crate::signing::NodeKey>,
     /// Where the model and default policy come from (built in, or files reloaded on change).
     pub policy: PolicyOptions,
     /// Policy files that failed to load, by content stamp, with the reason (logged once, returned
@@ -296,7 +299,8 @@ impl Node {
         let meta = MetaStore::open(pool.clone()).await?;
         let consent_store = ConsentStore::open(pool.clone()).await?;
         let audit = AuditLog::open(pool).await?;
-        let tickets = TicketSigner::new(load_or_create_secret(&data_dir.join("ticket.key"))?);
+        let node_key = Arc::new(crate::signing::NodeKey::load_or_create(&data_dir.join("node.key"))?);
+        let tickets = TicketSigner::new(Arc::clone(&node_key), format!("passerelle-{}", node_key.kid()));
         let pseudonym_master = load_or_create_secret(&data_dir.join("pseudonym.key"))?;
         let pseudonym_version = pseudonym_key_version(data_dir)?;
         let authorizer = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], Vec::new(), &[]).await?;
@@ -316,6 +320,7 @@ impl Node {
             audit,
             consent: Arc::new(ConsentIndex::new()),
             tickets,
+            node_key,
             policy,
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
@@ -522,6 +527,35 @@ impl Node {
                 reason: "missing authorization header".into(),
             })?),
         }
+    }
+
+    /// Ticket claims describing the caller and the versions in force; the request fields are
+    /// filled by the caller of this function.
+    pub fn claims_for(&self, principal: &Principal) -> crate::ticket::TicketClaims {
+        crate::ticket::TicketClaims {
+            v: crate::ticket::TICKET_VERSION,
+            iss: String::new(),
+            kid: String::new(),
+            iat: 0,
+            principal: principal.name.clone(),
+            org: principal.org.clone(),
+            member_state: principal.member_state.clone(),
+            consent_version: self.consent.applied_seq(),
+            policy_version: self.snapshot().authorizer.version().to_string(),
+            purpose: String::new(),
+            dataset: String::new(),
+            columns: None,
+            filter: None,
+            limit: None,
+            exp: 0,
+            nonce: 0,
+            sql: None,
+        }
+    }
+
+    /// This node's id (config `node_id`, default `passerelle-<key id>`).
+    pub fn node_id(&self) -> &str {
+        self.tickets.node_id()
     }
 
     fn authenticate_key(&self, header: &str) -> Result<Principal> {

@@ -45,6 +45,9 @@ impl Application {
             n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
             n.source_ttl = Duration::from_secs(cfg.sources.cache_ttl_secs);
             n.allow_bearer = cfg.tls.as_ref().is_none_or(|t| t.allow_bearer);
+            if let Some(id) = &cfg.node_id {
+                n.tickets = crate::ticket::TicketSigner::new(Arc::clone(&n.node_key), id.clone());
+            }
         }
         if let Some(tls) = &cfg.tls {
             // Fail at start, naming the file, rather than at the first handshake.

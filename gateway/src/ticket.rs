@@ -1,21 +1,25 @@
 //! Signed, expiring Flight tickets.
 //!
-//! A ticket is `base64url(claims JSON) "." base64url(HMAC-SHA256(key, claims JSON))`. The key
-//! lives in the data directory and never leaves the node. DoGet verifies the signature and the
-//! expiry, then checks that the caller and purpose match the claims, then re-decides access.
+//! A ticket is `base64url(claims JSON) "." base64url(Ed25519 signature)`, signed with the node
+//! key (see [`crate::signing`]) whose public half is at `GET /api/v1/keys`: any node of the
+//! federation, or an auditor, can check who asked for what, under which consent and policy
+//! version, and which node issued it. DoGet verifies signature, issuer and expiry, then checks
+//! that the caller and purpose match the claims, then re-decides access.
+
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::error::{Error, Result};
-
-type HmacSha256 = Hmac<Sha256>;
+use crate::signing::NodeKey;
 
 /// Largest ticket accepted, so a hostile ticket cannot make us decode megabytes.
 const MAX_TICKET_BYTES: usize = 256 * 1024;
+
+/// Claims format version.
+pub const TICKET_VERSION: u8 = 2;
 
 /// What a ticket grants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,8 +27,25 @@ const MAX_TICKET_BYTES: usize = 256 * 1024;
 pub struct TicketClaims {
     /// Format version.
     pub v: u8,
+    /// Issuing node (set by the signer).
+    #[serde(default)]
+    pub iss: String,
+    /// Id of the key that signed (set by the signer).
+    #[serde(default)]
+    pub kid: String,
+    /// Issued at, seconds since the Unix epoch (set by the signer).
+    #[serde(default)]
+    pub iat: i64,
     /// Principal the ticket was issued to.
     pub principal: String,
+    /// The principal's organisation.
+    pub org: String,
+    /// The principal's member state.
+    pub member_state: String,
+    /// Consent version in force when the ticket was issued (DoGet applies the current one).
+    pub consent_version: u64,
+    /// Policy version that allowed the request.
+    pub policy_version: String,
     /// Purpose declared at issue.
     pub purpose: String,
     /// Dataset.
@@ -56,42 +77,41 @@ pub struct SqlClaim {
     pub params: Option<String>,
 }
 
-/// Signs and verifies tickets with the node's ticket key.
-#[derive(Clone)]
+/// Signs and verifies tickets with the node key.
+#[derive(Clone, Debug)]
 pub struct TicketSigner {
-    key: Vec<u8>,
-}
-
-impl std::fmt::Debug for TicketSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TicketSigner { .. }")
-    }
+    key: Arc<NodeKey>,
+    node_id: String,
 }
 
 const TICKET_HINT: &str = "request a new ticket with GetFlightInfo";
 
 impl TicketSigner {
-    /// A signer over a secret key.
-    pub fn new(key: Vec<u8>) -> Self {
-        Self { key }
+    /// A signer for `node_id` with its key.
+    pub fn new(key: Arc<NodeKey>, node_id: String) -> Self {
+        Self { key, node_id }
     }
 
-    fn mac(&self) -> HmacSha256 {
-        // HMAC takes keys of any length.
-        HmacSha256::new_from_slice(&self.key)
-            .unwrap_or_else(|_| <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default()))
+    /// The node id written into tickets.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
-    /// Encodes and signs claims.
+    /// Stamps issuer, key id and issue time, encodes and signs.
     pub fn sign(&self, claims: &TicketClaims) -> Result<Vec<u8>> {
-        let body = serde_json::to_vec(claims).map_err(|e| Error::Internal(format!("serialise ticket: {e}")))?;
-        let mut mac = self.mac();
-        mac.update(&body);
-        let sig = mac.finalize().into_bytes();
+        let claims = TicketClaims {
+            v: TICKET_VERSION,
+            iss: self.node_id.clone(),
+            kid: self.key.kid().to_string(),
+            iat: chrono::Utc::now().timestamp(),
+            ..claims.clone()
+        };
+        let body = serde_json::to_vec(&claims).map_err(|e| Error::Internal(format!("serialise ticket: {e}")))?;
+        let sig = self.key.sign(&body)?;
         Ok(format!("{}.{}", URL_SAFE_NO_PAD.encode(&body), URL_SAFE_NO_PAD.encode(sig)).into_bytes())
     }
 
-    /// Verifies a ticket's signature and expiry and returns its claims.
+    /// Verifies a ticket's signature, issuer and expiry and returns its claims.
     pub fn verify(&self, ticket: &[u8], now_secs: i64) -> Result<TicketClaims> {
         let malformed = || Error::invalid("ticket is malformed or was altered", TICKET_HINT);
         if ticket.len() > MAX_TICKET_BYTES {
@@ -101,11 +121,11 @@ impl TicketSigner {
         let (body, sig) = text.split_once('.').ok_or_else(malformed)?;
         let body = URL_SAFE_NO_PAD.decode(body).map_err(|_| malformed())?;
         let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| malformed())?;
-        let mut mac = self.mac();
-        mac.update(&body);
-        mac.verify_slice(&sig).map_err(|_| malformed())?;
+        if !self.key.verify(&body, &sig) {
+            return Err(malformed());
+        }
         let claims: TicketClaims = serde_json::from_slice(&body).map_err(|_| malformed())?;
-        if claims.v != 1 {
+        if claims.v != TICKET_VERSION || claims.kid != self.key.kid() || claims.iss != self.node_id {
             return Err(malformed());
         }
         if claims.exp <= now_secs {
@@ -121,8 +141,15 @@ mod tests {
 
     fn claims(exp: i64) -> TicketClaims {
         TicketClaims {
-            v: 1,
+            v: TICKET_VERSION,
+            iss: "node-a".into(),
+            kid: String::new(),
+            iat: 0,
             principal: "t".into(),
+            org: "o".into(),
+            member_state: "DE".into(),
+            consent_version: 3,
+            policy_version: "p".into(),
             purpose: "research".into(),
             dataset: "d".into(),
             columns: None,
@@ -136,16 +163,30 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_tampering_and_expiry() {
-        let s = TicketSigner::new(b"k".to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let key = Arc::new(NodeKey::load_or_create(&dir.path().join("a.key")).unwrap());
+        let s = TicketSigner::new(Arc::clone(&key), "node-a".into());
         let t = s.sign(&claims(100)).unwrap();
-        assert_eq!(s.verify(&t, 99).unwrap(), claims(100));
+        let got = s.verify(&t, 99).unwrap();
+        assert_eq!((got.iss.as_str(), got.kid.as_str()), ("node-a", key.kid()));
+        assert_eq!(
+            TicketClaims {
+                kid: String::new(),
+                iat: 0,
+                ..got
+            },
+            claims(100)
+        );
         assert!(s.verify(&t, 100).unwrap_err().to_string().contains("expired"));
         for i in 0..t.len() {
             let mut bad = t.clone();
             bad[i] ^= 1;
             assert!(s.verify(&bad, 0).is_err(), "byte {i}");
         }
-        assert!(TicketSigner::new(b"other".to_vec()).verify(&t, 0).is_err());
+        let other = Arc::new(NodeKey::load_or_create(&dir.path().join("b.key")).unwrap());
+        assert!(TicketSigner::new(other, "node-a".into()).verify(&t, 0).is_err());
+        // The same key under another node id: not ours.
+        assert!(TicketSigner::new(key, "node-b".into()).verify(&t, 0).is_err());
         for junk in [&b""[..], b".", b"abc", b"\xff\xfe", &[b'a'; 20000]] {
             let e = s.verify(junk, 0).unwrap_err();
             assert_eq!(e.status(), crate::error::StatusClass::InvalidArgument);
