@@ -5,14 +5,17 @@
 # into place only when all of them exist, so a failed run leaves the old set intact).
 #
 #   ca-FR.crt ca-DE.crt ca-IT.crt   one root CA per member state (EC P-256, 3650 days, CA:true, keyCertSign+cRLSign)
-#   ca-bundle.pem                   the three roots: the trust anchors for `[tls] client_ca` and for clients
+#   ca-EU.crt                       and one for EU-level bodies (the auditor)
+#   ca-bundle.pem                   the four roots: the trust anchors for `[tls] client_ca` and for clients.
+#                                   A gateway accepts a client certificate only from the CA of the principal's
+#                                   own member state (the issuer's C must equal the principal's member state).
 #   gw-fr gw-de gw-it .crt/.key     gateway certificates (FR, DE, IT CA): CN=gw-xx, O=passerelle, C=XX,
 #                                   SAN localhost, gw-xx, 127.0.0.1; serverAuth and clientAuth (gateways also call
 #                                   each other); 825 days
 #   trainer-de auditor-eu steward-fr .crt/.key
 #                                   client certificates of the `serve --demo` principals (CN = principal name,
 #                                   O = organisation, C = member state), clientAuth, 825 days:
-#                                   trainer-de/dkfz/DE (DE CA), auditor-eu/eu-audit/EU (FR CA), steward-fr/aphp/FR (FR CA)
+#                                   trainer-de/dkfz/DE (DE CA), auditor-eu/eu-audit/EU (EU CA), steward-fr/aphp/FR (FR CA)
 #
 # Every .crt holds the leaf certificate only (no chain): the CAs are roots, which a peer must already trust through
 # ca-bundle.pem. Keys are PKCS#8 PEM, mode 600. CA keys (ca-XX.key) are kept so that tests can issue more
@@ -24,6 +27,7 @@ OUT="${1:-$HERE/out}"
 CA_DAYS=3650
 LEAF_DAYS=825
 STATES=(FR DE IT)
+AUTHORITIES=(FR DE IT EU)
 
 command -v openssl >/dev/null 2>&1 || { echo "gen.sh: the openssl command is required" >&2; exit 1; }
 mkdir -p "$OUT"
@@ -96,20 +100,20 @@ leaf() {
   run openssl verify -CAfile "$WORK/ca-$cc.crt" "$WORK/$name.crt"
 }
 
-for cc in "${STATES[@]}"; do
+for cc in "${AUTHORITIES[@]}"; do
   ca "$cc"
 done
-cat "$WORK/ca-FR.crt" "$WORK/ca-DE.crt" "$WORK/ca-IT.crt" >"$WORK/ca-bundle.pem"
+cat "$WORK/ca-FR.crt" "$WORK/ca-DE.crt" "$WORK/ca-IT.crt" "$WORK/ca-EU.crt" >"$WORK/ca-bundle.pem"
 
 for cc in "${STATES[@]}"; do
   gw="gw-$(echo "$cc" | tr 'A-Z' 'a-z')"
   leaf "$gw" "$cc" "/C=$cc/O=passerelle/CN=$gw" "serverAuth, clientAuth" "DNS:localhost, DNS:$gw, IP:127.0.0.1"
 done
 leaf trainer-de DE "/C=DE/O=dkfz/CN=trainer-de" clientAuth
-leaf auditor-eu FR "/C=EU/O=eu-audit/CN=auditor-eu" clientAuth
+leaf auditor-eu EU "/C=EU/O=eu-audit/CN=auditor-eu" clientAuth
 leaf steward-fr FR "/C=FR/O=aphp/CN=steward-fr" clientAuth
 
-NAMES=(ca-FR ca-DE ca-IT gw-fr gw-de gw-it trainer-de auditor-eu steward-fr)
+NAMES=(ca-FR ca-DE ca-IT ca-EU gw-fr gw-de gw-it trainer-de auditor-eu steward-fr)
 chmod 600 "$WORK"/*.key
 chmod 644 "$WORK"/*.crt "$WORK/ca-bundle.pem"
 for n in "${NAMES[@]}"; do
@@ -127,4 +131,4 @@ for n in "${NAMES[@]}"; do
       END { sub(/,O=passerelle demo,C=..$/, "", v[2]); sub(/^CN=/, "", v[2]);
             printf "  %-15s %-45s issuer: %s, until %s\n", f, v[1], v[2], v[3] }'
 done
-echo "  ca-bundle.pem   ca-FR.crt + ca-DE.crt + ca-IT.crt (the trust anchors); *.key: PKCS#8, mode 600"
+echo "  ca-bundle.pem   ca-FR.crt + ca-DE.crt + ca-IT.crt + ca-EU.crt (the trust anchors); *.key: PKCS#8, mode 600"

@@ -37,6 +37,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/audit/verify", get(audit_verify))
         .route("/api/v1/audit/checkpoint", get(audit_checkpoint))
         .route("/api/v1/keys", get(keys))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/policy/explain", get(explain))
         .route("/api/v1/datasets/{name}/rules", post(add_rule))
         .fallback(|| async { Error::NoSuchEndpoint })
@@ -323,4 +324,13 @@ async fn audit_checkpoint(State(node): State<Arc<Node>>, headers: HeaderMap) -> 
 /// The node's verification keys: public, so peers and notaries need no account.
 async fn keys(State(node): State<Arc<Node>>) -> Json<Value> {
     Json(json!({ "node_id": node.node_id(), "keys": [node.node_key.jwk()] }))
+}
+
+/// The OpenAPI 3 description of this API (hand-written, and checked against the running server
+/// by schemathesis in the test suite).
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
 }

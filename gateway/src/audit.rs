@@ -591,6 +591,29 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Marks every entry still `requested` as failed: called at start, when no stream of this
+    /// node can be open. Returns how many there were.
+    pub async fn fail_dangling(&self, why: &str) -> Result<usize> {
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM audit WHERE status = 'requested' ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("list open audit entries"))?;
+        for &id in &ids {
+            tracing::info!(audit_id = id, reason = why, "failing interrupted audit entry");
+            self.complete(
+                id,
+                Completion {
+                    rows_sent: 0,
+                    rows_withheld: 0,
+                    consent_version_last: 0,
+                    ok: false,
+                },
+            )
+            .await?;
+        }
+        Ok(ids.len())
+    }
+
     /// Recomputes the chain from the stored rows and reports the first entry that does not
     /// match (edited, deleted, inserted outside the chain, or completed behind its back).
     pub async fn verify(&self) -> Result<Verification> {

@@ -96,6 +96,8 @@ pub struct GatewayConfig {
     pub sql: crate::sql::SqlOptions,
     /// How opened sources are reused.
     pub sources: SourceOptions,
+    /// Rate and concurrency limits.
+    pub limits: crate::limits::LimitOptions,
     /// TLS for both listeners, and client certificates (`[tls]`); absent: plain TCP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::TlsOptions>,
@@ -148,6 +150,19 @@ impl GatewayConfig {
             ));
         }
         self.sql.validate()?;
+        self.limits.validate()?;
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(Error::invalid(
+                format!("node_id `{id}` is not a short name"),
+                "use letters, digits, '-', '_' or '.', at most 64 characters (e.g. gw-fr)",
+            ));
+        }
         for (name, store) in &self.stores {
             store.validate(name)?;
         }

@@ -106,6 +106,19 @@ pub(crate) async fn record(
         .map(|c| c.purpose.to_string())
         .or_else(|| header(md, PURPOSE_HEADER).map(str::to_string))
         .unwrap_or_default();
+    // Failed authentications are audited one by one up to a node-wide rate; beyond it they are
+    // refused unaudited and counted in the next one, so a flood cannot fill the log.
+    let mut suppressed = 0;
+    if caller.is_none() && matches!(outcome, Err(Error::Unauthenticated { .. })) {
+        match node.limits.failed_auth() {
+            Some(n) => suppressed = n,
+            None => {
+                return Err(Error::ResourceExhausted {
+                    message: "too many failed authentications on this node; retry later".into(),
+                });
+            }
+        }
+    }
     let snap = node.snapshot();
     let consent_version = target.consent_version.unwrap_or_else(|| {
         snap.datasets
@@ -126,6 +139,10 @@ pub(crate) async fn record(
         allow: outcome.is_ok(),
         reason: match outcome {
             Ok(r) => r.to_string(),
+            Err(e) if suppressed > 0 => format!(
+                "{} (and {suppressed} failed authentications refused unaudited before this one)",
+                e.public_message()
+            ),
             Err(e) => e.public_message(),
         },
         consent_version,
@@ -273,6 +290,8 @@ pub(crate) struct AuditedStream {
     sent: u64,
     start_version: u64,
     done: bool,
+    /// The principal's stream slot, released with the stream.
+    _slot: Option<crate::limits::StreamSlot>,
 }
 
 impl AuditedStream {
@@ -292,7 +311,14 @@ impl AuditedStream {
             sent: 0,
             start_version,
             done: false,
+            _slot: None,
         }
+    }
+
+    /// Holds `slot` for as long as the stream lives.
+    pub(crate) fn with_slot(mut self, slot: crate::limits::StreamSlot) -> Self {
+        self._slot = Some(slot);
+        self
     }
 
     /// The Flight encoding of this stream.
@@ -564,6 +590,14 @@ impl FlightService for FlightHandler {
                 .await?;
             return Err(e.into());
         }
+        let slot = match self.node.limits.open_stream(&caller.principal.name) {
+            Ok(s) => s,
+            Err(e) => {
+                self.audit(&md, Some(&caller), audit::Action::DoGet, Some(&cmd), Err(&e), true)
+                    .await?;
+                return Err(e.into());
+            }
+        };
         // Decide again at stream time: permits, consent and the dataset may have changed.
         let planned = match catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
             Ok(p) => p,
@@ -609,7 +643,8 @@ impl FlightService for FlightHandler {
             id,
             vec![planned.counters],
             planned.consent_version,
-        );
+        )
+        .with_slot(slot);
         Ok(Response::new(audited.encode(schema)))
     }
 

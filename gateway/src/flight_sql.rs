@@ -297,6 +297,13 @@ impl SqlService {
                 return Err(e);
             }
         };
+        let slot = match self.node.limits.open_stream(&caller.principal.name) {
+            Ok(s) => s,
+            Err(e) => {
+                self.audit(md, &caller, action, &claim.text, None, Err(&e)).await?;
+                return Err(e);
+            }
+        };
         // Decide again at stream time: permits, consent and datasets may have changed.
         let planned = match self.plan(&caller, &claim).await {
             Ok(p) => p,
@@ -312,7 +319,8 @@ impl SqlService {
         let counters = planned.touched.iter().map(|t| Arc::clone(&t.counters)).collect();
         let version = planned.consent_version();
         let limited = LimitedStream::new(planned, &self.node.queries, &self.node.sql, started);
-        let audited = AuditedStream::new(Box::pin(limited), self.node.audit.clone(), id, counters, version);
+        let audited =
+            AuditedStream::new(Box::pin(limited), self.node.audit.clone(), id, counters, version).with_slot(slot);
         Ok(audited.encode(schema))
     }
 

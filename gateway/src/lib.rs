@@ -27,6 +27,7 @@ pub mod error;
 pub mod explain;
 pub mod flight;
 pub mod flight_sql;
+pub mod limits;
 pub mod manifest;
 pub mod meta;
 pub mod node;

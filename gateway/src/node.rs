@@ -84,6 +84,8 @@ pub struct Node {
     /// Whether callers without a client certificate may use API keys (`[tls] allow_bearer`;
     /// always true without TLS).
     pub allow_bearer: bool,
+    /// Request-rate, stream and failed-authentication limits.
+    pub limits: Arc<crate::limits::Limits>,
     /// Limits on governed SQL.
     pub sql: crate::sql::SqlOptions,
     /// Threads that run SQL plans.
@@ -325,6 +327,7 @@ impl Node {
             bad_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             allow_bearer: true,
+            limits: Arc::default(),
             sql: crate::sql::SqlOptions::default(),
             stores: passerelle_connectors::Stores::default(),
             source_ttl: Duration::from_secs(60),
@@ -486,6 +489,12 @@ impl Node {
     /// if any (its CN, O and C must match a registered principal), else the `authorization`
     /// header. A key sent along with a certificate must be that principal's.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Principal> {
+        let principal = self.identify(header)?;
+        self.limits.admit(&principal.name)?;
+        Ok(principal)
+    }
+
+    fn identify(&self, header: Option<&str>) -> Result<Principal> {
         let unauthenticated = |reason: String| Error::Unauthenticated { reason: reason.into() };
         match crate::tls::current_peer_cert() {
             Some(cert) => {
@@ -507,6 +516,15 @@ impl Node {
                     return Err(unauthenticated(format!(
                         "client certificate member state (C) `{}` does not match principal `{}`'s member state",
                         cert.country.as_deref().unwrap_or(""),
+                        principal.name
+                    )));
+                }
+                // Every CA of the bundle is trusted, but only for its own member state: the
+                // French authority cannot vouch for a German principal.
+                if cert.issuer_country.as_deref() != Some(principal.member_state.as_str()) {
+                    return Err(unauthenticated(format!(
+                        "client certificate was issued by the authority of `{}`, not of principal `{}`'s member state",
+                        cert.issuer_country.as_deref().unwrap_or(""),
                         principal.name
                     )));
                 }

@@ -45,6 +45,7 @@ impl Application {
             n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
             n.source_ttl = Duration::from_secs(cfg.sources.cache_ttl_secs);
             n.allow_bearer = cfg.tls.as_ref().is_none_or(|t| t.allow_bearer);
+            n.limits = Arc::new(crate::limits::Limits::new(cfg.limits.clone()));
             if let Some(id) = &cfg.node_id {
                 n.tickets = crate::ticket::TicketSigner::new(Arc::clone(&n.node_key), id.clone());
             }
@@ -57,6 +58,14 @@ impl Application {
             crate::demo::ensure_demo(&node, cfg.demo.rows).await?;
         }
         node.refresh().await?;
+        // Streams cut short by a crash or a forced stop never completed their entries.
+        let failed = node
+            .audit
+            .fail_dangling("the node stopped while this stream was open")
+            .await?;
+        if failed > 0 {
+            tracing::warn!(entries = failed, "audit entries of interrupted streams marked failed");
+        }
         let bind = |addr: String| async move {
             TcpListener::bind(&addr).await.map_err(|source| Error::Io {
                 op: "bind",
@@ -114,16 +123,50 @@ impl Application {
     /// Serves until `shutdown` becomes true.
     pub async fn run_until_stopped(self, shutdown: watch::Receiver<bool>) -> Result<()> {
         let refresher = self.node.spawn_refresher(shutdown.clone());
-        let wait = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
         let svc = FlightServiceServer::new(FlightHandler::new(Arc::clone(&self.node)))
             .max_decoding_message_size(MAX_DECODING_MESSAGE)
             .max_encoding_message_size(MAX_ENCODING_MESSAGE);
         let router = crate::admin::router(Arc::clone(&self.node));
+        let mut stop = shutdown.clone();
+        let grace = Duration::from_secs(self.node.limits.options().shutdown_grace_secs);
+        let node = Arc::clone(&self.node);
+        let serving = async move { self.serve(svc, router, shutdown.clone()).await };
+        tokio::pin!(serving);
+        let result = tokio::select! {
+            r = &mut serving => r,
+            _ = async {
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "streams still open after the shutdown grace period; stopping them");
+                Ok(())
+            }
+        };
+        refresher.abort();
+        match node
+            .audit
+            .fail_dangling("the node shut down while this stream was open")
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(entries = n, "audit entries of streams cut by shutdown marked failed"),
+            Err(e) => tracing::error!(error = %e, "could not fail the audit entries of open streams"),
+        }
+        result
+    }
+
+    async fn serve(
+        self,
+        svc: FlightServiceServer<FlightHandler>,
+        router: axum::Router,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let wait = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
         let (f, h) = match &self.tls {
             None => {
-                let flight = tonic::transport::Server::builder()
+                let flight = grpc_server()
                     .add_service(svc)
                     .serve_with_incoming_shutdown(TcpListenerStream::new(self.flight), wait(shutdown.clone()));
                 let http = axum::serve(self.http, router).with_graceful_shutdown(wait(shutdown.clone()));
@@ -135,7 +178,7 @@ impl Application {
                 let rest = ReloadingAcceptor::start(tls, Protocol::Http, shutdown.clone())?;
                 let conns = crate::tls::accept_loop(self.flight, grpc, shutdown.clone());
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(conns).map(Ok::<_, std::io::Error>);
-                let flight = tonic::transport::Server::builder()
+                let flight = grpc_server()
                     .layer(PeerScopeLayer)
                     .add_service(svc)
                     .serve_with_incoming_shutdown(incoming, wait(shutdown.clone()));
@@ -151,7 +194,7 @@ impl Application {
                 tokio::join!(flight, async { http.await })
             }
         };
-        refresher.abort();
+
         f.map_err(|e| Error::Internal(format!("flight server: {e}")))?;
         h.map_err(|source| Error::Io {
             op: "http server",
@@ -160,4 +203,13 @@ impl Application {
         })?;
         Ok(())
     }
+}
+
+/// The gRPC server settings both listeners share: HTTP/2 keepalives find peers that vanished
+/// without closing their connections (their streams and stream slots are then released).
+fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(256))
 }

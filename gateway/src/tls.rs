@@ -79,6 +79,8 @@ pub struct CertIdentity {
     pub organisation: Option<String>,
     /// Subject C: the member state.
     pub country: Option<String>,
+    /// The issuing CA's C: the member-state authority that vouches for the holder.
+    pub issuer_country: Option<String>,
     /// SHA-256 of the DER certificate, hex (for logs and the audit).
     pub fingerprint: String,
 }
@@ -94,6 +96,7 @@ impl CertIdentity {
             common_name: entry(name, Nid::COMMONNAME)?,
             organisation: entry(name, Nid::ORGANIZATIONNAME),
             country: entry(name, Nid::COUNTRYNAME),
+            issuer_country: entry(cert.issuer_name(), Nid::COUNTRYNAME),
             fingerprint,
         })
     }

@@ -10,6 +10,7 @@ fn every_example_config_loads() {
         let path = entry.unwrap().path();
         if path.to_string_lossy().ends_with(".example.toml") {
             let cfg = GatewayConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(cfg.data_dir.is_some(), "{}", path.display());
             seen += 1;
         }
@@ -21,4 +22,8 @@ fn every_example_config_loads() {
     assert_eq!(node.sql, passerelle::sql::SqlOptions::default());
     assert_eq!(node.stores["lake"].kind, passerelle_connectors::StoreKind::S3);
     assert_eq!(node.sources.cache_ttl_secs, 60);
+    assert_eq!(node.limits, passerelle::limits::LimitOptions::default());
+    assert_eq!(node.node_id.as_deref(), Some("gw-fr"));
+    let tls = node.tls.expect("the example documents [tls]");
+    assert!(tls.allow_bearer && !tls.require_client_cert && tls.client_ca.is_some());
 }

@@ -494,7 +494,7 @@ def test_steward_cannot_register_the_nodes_own_files(scratch_gateway: Gateway, w
         "data-dir": f"file://{d}/",
         "data-dir-bare-path": str(d),
         "sqlite-db": f"file://{d}/passerelle.db",
-        "traversal-to-key": f"file://{d}/demo/../ticket.key",
+        "traversal-to-key": f"file://{d}/demo/../node.key",
     }[where]
     name = "loc_" + where.replace("-", "_")
     body = {**manifest_json(gw, name), "location": location}
