@@ -764,9 +764,7 @@ impl AuditLog {
 
     /// Lists entries, newest first.
     pub async fn list(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, consent_version_last, policy_version, rows_sent, rows_withheld, status, completed_at, statement FROM audit WHERE 1 = 1",
-        );
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{LIST_SELECT} WHERE 1 = 1"));
         if let Some(d) = &q.dataset {
             // SQL entries name every dataset they touched, comma-separated.
             qb.push(" AND instr(',' || dataset || ',', ',' || ")
@@ -805,34 +803,47 @@ impl AuditLog {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::store("list audit entries"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let columns: Option<String> = r.get(7);
-                AuditRecord {
-                    id: r.get(0),
-                    time: r.get(1),
-                    principal: r.get(2),
-                    organisation: r.get(3),
-                    member_state: r.get(4),
-                    purpose: r.get(5),
-                    dataset: r.get(6),
-                    columns: columns.and_then(|c| serde_json::from_str(&c).ok()),
-                    filter: r.get(8),
-                    statement: r.get(19),
-                    action: r.get(9),
-                    decision: r.get(10),
-                    reason: r.get(11),
-                    consent_version: r.get(12),
-                    consent_version_last: r.get(13),
-                    policy_version: r.get(14),
-                    rows_sent: r.get(15),
-                    rows_withheld: r.get(16),
-                    status: r.get(17),
-                    completed_at: r.get(18),
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(record_of).collect())
+    }
+
+    /// Up to `n` entries with ids above `after`, oldest first (the SQL `audit` table's pages).
+    pub async fn page_after(&self, after: i64, n: u32) -> Result<Vec<AuditRecord>> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{LIST_SELECT} WHERE id > "));
+        qb.push_bind(after).push(" ORDER BY id LIMIT ").push_bind(i64::from(n));
+        let rows = qb
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::store("read audit entries"))?;
+        Ok(rows.iter().map(record_of).collect())
+    }
+}
+
+const LIST_SELECT: &str = "SELECT id, time, principal, organisation, member_state, purpose, dataset, columns, filter, action, decision, reason, consent_version, consent_version_last, policy_version, rows_sent, rows_withheld, status, completed_at, statement FROM audit";
+
+fn record_of(r: &sqlx::sqlite::SqliteRow) -> AuditRecord {
+    let columns: Option<String> = r.get(7);
+    AuditRecord {
+        id: r.get(0),
+        time: r.get(1),
+        principal: r.get(2),
+        organisation: r.get(3),
+        member_state: r.get(4),
+        purpose: r.get(5),
+        dataset: r.get(6),
+        columns: columns.and_then(|c| serde_json::from_str(&c).ok()),
+        filter: r.get(8),
+        statement: r.get(19),
+        action: r.get(9),
+        decision: r.get(10),
+        reason: r.get(11),
+        consent_version: r.get(12),
+        consent_version_last: r.get(13),
+        policy_version: r.get(14),
+        rows_sent: r.get(15),
+        rows_withheld: r.get(16),
+        status: r.get(17),
+        completed_at: r.get(18),
     }
 }
 

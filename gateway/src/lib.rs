@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_table;
 pub mod auth;
 #[cfg(feature = "bench")]
 pub mod bench_support;

@@ -669,6 +669,15 @@ impl Node {
         manifest: &Manifest,
         stores: &passerelle_connectors::Stores,
     ) -> Result<()> {
+        if manifest.name.as_str() == crate::audit_table::AUDIT_TABLE {
+            return Err(Error::invalid(
+                format!(
+                    "`{}` is reserved: auditors query the audit log under that name",
+                    manifest.name
+                ),
+                "choose another dataset name",
+            ));
+        }
         let location = manifest.source().normalised_location()?;
         // Validate through a private registry; the shared one learns the store on first use.
         let trial = stores.isolated();

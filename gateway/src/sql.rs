@@ -35,9 +35,10 @@ use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::{Stream, StreamExt};
 use passerelle_policies::enforce::{EnforceCounters, GuardedTable, enforce_release, k_floor_scans};
-use passerelle_policies::{Principal, Purpose};
+use passerelle_policies::{Principal, Purpose, Role};
 use serde::{Deserialize, Serialize};
 
+use crate::audit_table::{AUDIT_TABLE, AuditTable};
 use crate::catalog::{self, Guarded};
 use crate::error::{Error, Result};
 use crate::node::Node;
@@ -125,13 +126,35 @@ struct GovernedSchema {
     touched: Arc<Mutex<Vec<Touched>>>,
 }
 
+impl GovernedSchema {
+    /// Auditors (and admins) see the audit log as the table `audit`, read-only.
+    fn reads_audit(&self) -> bool {
+        matches!(self.principal.role, Role::Auditor | Role::Admin)
+    }
+}
+
 #[async_trait]
 impl SchemaProvider for GovernedSchema {
     fn table_names(&self) -> Vec<String> {
-        catalog::allowed_datasets(&self.node, &self.principal, &self.purpose)
+        let mut names = catalog::allowed_datasets(&self.node, &self.principal, &self.purpose);
+        if self.reads_audit() {
+            names.push(AUDIT_TABLE.to_string());
+        }
+        names
     }
 
     async fn table(&self, name: &str) -> std::result::Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        if name == AUDIT_TABLE && self.reads_audit() {
+            if let Ok(mut touched) = self.touched.lock() {
+                touched.push(Touched {
+                    dataset: AUDIT_TABLE.to_string(),
+                    counters: Arc::default(),
+                    consent_version: self.node.consent.applied_seq(),
+                    reason: format!("role `{}` reads the audit log", self.principal.role.as_str()),
+                });
+            }
+            return Ok(Some(Arc::new(AuditTable::new(self.node.audit.clone())?)));
+        }
         // Hidden and missing datasets fail alike (NOT_FOUND with the same text).
         let Guarded {
             table,
@@ -268,13 +291,14 @@ fn check_statement(stmt: &DfStatement) -> Result<()> {
     }
 }
 
-/// Every scan of the plan (subqueries included) must read a `GuardedTable`.
+/// Every scan of the plan (subqueries included) must read a `GuardedTable` (or, for auditors, the
+/// audit log).
 fn check_guarded(plan: &LogicalPlan) -> Result<()> {
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
-            let guarded = source_as_provider(&scan.source)
-                .ok()
-                .is_some_and(|p| p.downcast_ref::<GuardedTable>().is_some());
+            let guarded = source_as_provider(&scan.source).ok().is_some_and(|p| {
+                p.downcast_ref::<GuardedTable>().is_some() || p.downcast_ref::<AuditTable>().is_some()
+            });
             if !guarded {
                 // Only recursive CTEs' work tables get here; anything else would be our bug,
                 // and the statement is refused either way.
