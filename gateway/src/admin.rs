@@ -38,6 +38,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/audit/checkpoint", get(audit_checkpoint))
         .route("/api/v1/keys", get(keys))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/peers", get(peers))
         .route("/api/v1/policy/explain", get(explain))
         .route("/api/v1/datasets/{name}/rules", post(add_rule))
         .fallback(|| async { Error::NoSuchEndpoint })
@@ -333,4 +334,14 @@ async fn openapi() -> impl axum::response::IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         include_str!("openapi.json"),
     )
+}
+
+/// The configured peers and their health, checked now.
+async fn peers(State(node): State<Arc<Node>>, headers: HeaderMap) -> Result<Json<Value>> {
+    caller(&node, &headers)?;
+    let checks = node
+        .peers
+        .iter()
+        .map(|p| crate::federation::peer_health(p, node.client_tls.as_ref()));
+    Ok(Json(Value::Array(futures::future::join_all(checks).await)))
 }

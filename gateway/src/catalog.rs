@@ -32,7 +32,40 @@ pub struct DataCommand {
     /// Maximum rows across all endpoints of the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// Split the stream into this many endpoints, disjoint and together complete (1 to 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<u32>,
+    /// Federated requests: this rank's share of every node's part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+    /// Federated requests: `fail` (default) when a node denies or is down, or `skip` it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_partial: Option<OnPartial>,
 }
+
+/// One training rank of `world_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    /// 0-based rank.
+    pub rank: u32,
+    /// Number of ranks.
+    pub world_size: u32,
+}
+
+/// What a federated request does about nodes that deny or do not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPartial {
+    /// The request fails, naming the nodes.
+    #[default]
+    Fail,
+    /// The request proceeds without them; `app_metadata` reports them.
+    Skip,
+}
+
+/// Most parts a stream may be split into.
+pub const MAX_PARTS: u32 = 64;
 
 /// Longest filter accepted (it travels inside the ticket).
 const MAX_FILTER_BYTES: usize = 4096;
@@ -55,6 +88,20 @@ impl DataCommand {
             return Err(Error::invalid(
                 format!("filter is longer than {MAX_FILTER_BYTES} bytes"),
                 "simplify the filter",
+            ));
+        }
+        if cmd.parts.is_some_and(|n| n == 0 || n > MAX_PARTS) {
+            return Err(Error::invalid(
+                format!("`parts` must be between 1 and {MAX_PARTS}"),
+                "ask for as many parts as you have readers",
+            ));
+        }
+        if let Some(s) = cmd.shard
+            && (s.world_size == 0 || s.world_size > MAX_PARTS || s.rank >= s.world_size)
+        {
+            return Err(Error::invalid(
+                format!("`shard` needs 0 <= rank < world_size <= {MAX_PARTS}"),
+                "send {\"rank\": r, \"world_size\": w}",
             ));
         }
         if cmd.columns.as_ref().is_some_and(|c| c.len() > MAX_COLUMNS) {
@@ -237,6 +284,16 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
         }
     }
     let ctx = guarded_context(&node.stores, vec![(cmd.dataset.clone(), table)])?;
+    if cmd.parts.is_some() {
+        // Parts deal rows round-robin: one partition makes the row sequence the same at
+        // every DoGet (and for resumed tickets).
+        ctx.state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .execution
+            .target_partitions = 1;
+    }
     let mut df = ctx.table(cmd.dataset.as_str()).await?;
     if let Some(filter) = &cmd.filter {
         let expr = df.parse_sql_expr(filter).map_err(|e| {

@@ -53,12 +53,34 @@ pub enum Command {
     /// Inspect and change access policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
-    /// Manage the node's keys.
+    /// Show the node's verification key (as GET /api/v1/keys), or rotate the pseudonym key.
+    Keys(KeysArgs),
+    /// Other member states' nodes.
     #[command(subcommand)]
-    Keys(KeysCmd),
+    Peer(PeerCmd),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+}
+
+/// `keys [--config F] [rotate-pseudonym]`.
+#[derive(Debug, clap::Args)]
+pub struct KeysArgs {
+    /// The node's configuration (for `node_id`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Option<KeysCmd>,
+}
+
+/// `peer` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PeerCmd {
+    /// The configured peers with their health (reachable, and answering with the configured key).
+    List {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// `keys` subcommands.
@@ -391,7 +413,42 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(_) | Command::Config(_) => bail!("not an admin command"),
         Command::Policy(cmd) => run_policy(cli, &node, cmd).await?,
-        Command::Keys(KeysCmd::RotatePseudonym) => {
+        Command::Keys(KeysArgs { config, cmd: None }) => {
+            let cfg = effective_config(cli, config.as_ref(), None)?;
+            let node_id = cfg.node_id.clone().unwrap_or_else(|| node.node_id().to_string());
+            println!("{}", json!({ "node_id": node_id, "keys": [node.node_key.jwk()] }));
+        }
+        Command::Peer(PeerCmd::List { config }) => {
+            let cfg = effective_config(cli, config.as_ref(), None)?;
+            let peers = crate::federation::Peers::new(&cfg.peers)?;
+            let tls = cfg.tls.as_ref().map(|t| crate::federation::ClientTls {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            });
+            let mut out = Vec::new();
+            for p in peers.iter() {
+                out.push(crate::federation::peer_health(p, tls.as_ref()).await);
+            }
+            print(j, serde_json::Value::Array(out.clone()), || {
+                out.iter()
+                    .map(|p| {
+                        format!(
+                            "{}\t{}\t{}\t{}\tkey_matches={}",
+                            p["node"].as_str().unwrap_or(""),
+                            p["member_state"].as_str().unwrap_or(""),
+                            p["flight_url"].as_str().unwrap_or(""),
+                            p["status"].as_str().unwrap_or(""),
+                            p["key_matches"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Keys(KeysArgs {
+            cmd: Some(KeysCmd::RotatePseudonym),
+            ..
+        }) => {
             let v = crate::node::rotate_pseudonym_key(&cli.data_dir())?;
             print(j, json!({ "pseudonym_key_version": v }), || {
                 format!("pseudonym key rotated to version {v}; running servers use it within a second")

@@ -98,6 +98,11 @@ pub struct GatewayConfig {
     pub sources: SourceOptions,
     /// Rate and concurrency limits.
     pub limits: crate::limits::LimitOptions,
+    /// How this node takes part in federated requests.
+    pub federation: crate::federation::FederationOptions,
+    /// Other member states' nodes, by node id (`[peers.<node id>]`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub peers: std::collections::BTreeMap<String, crate::federation::PeerOptions>,
     /// TLS for both listeners, and client certificates (`[tls]`); absent: plain TCP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::TlsOptions>,
@@ -163,6 +168,7 @@ impl GatewayConfig {
                 "use letters, digits, '-', '_' or '.', at most 64 characters (e.g. gw-fr)",
             ));
         }
+        crate::federation::Peers::new(&self.peers)?;
         for (name, store) in &self.stores {
             store.validate(name)?;
         }

@@ -106,6 +106,9 @@ pub enum Error {
     /// logged, not sent.
     #[error("dataset `{name}` is unavailable right now; try again later or contact its steward")]
     SourceUnavailable { name: String },
+    /// A federated request cannot complete because peers did not answer.
+    #[error("{message}")]
+    PeerUnavailable { message: String },
     /// A consent registry that does not exist for the caller's organisation.
     #[error("consent registry `{name}` not found among your organisation's registries")]
     RegistryNotFound { name: String },
@@ -159,7 +162,7 @@ impl Error {
             Error::PolicyRefused { .. } => StatusClass::InvalidArgument,
             Error::Policy(p) => policy_status(p),
             Error::Connector(_) => StatusClass::InvalidArgument,
-            Error::SourceUnavailable { .. } => StatusClass::Unavailable,
+            Error::SourceUnavailable { .. } | Error::PeerUnavailable { .. } => StatusClass::Unavailable,
             Error::ResourceExhausted { .. } => StatusClass::ResourceExhausted,
             Error::SourceFailed => StatusClass::Unavailable,
             Error::DataFusion(e) => classify_datafusion(e),
@@ -201,6 +204,9 @@ impl Error {
             Error::RegistryNotFound { .. } => "post consent to a registry your organisation owns",
             Error::NoSuchEndpoint => "see the README for the REST API",
             Error::PolicyRefused { .. } => "fix the policy file at the line named; the previous policy stays in force",
+            Error::PeerUnavailable { .. } => {
+                "retry later, or pass \"on_partial\": \"skip\" to proceed without the nodes named"
+            }
             Error::SourceUnavailable { .. } | Error::SourceFailed => {
                 "retry later; the operator can see the cause in the server log"
             }

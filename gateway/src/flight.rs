@@ -48,6 +48,8 @@ pub struct FlightHandler {
 pub(crate) struct Caller {
     pub principal: Principal,
     pub purpose: Purpose,
+    /// For a peer node's principal: the assertion its home node signed.
+    pub federated: Option<crate::federation::Assertion>,
 }
 
 pub(crate) fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
@@ -56,7 +58,14 @@ pub(crate) fn header<'a>(md: &'a MetadataMap, name: &str) -> Option<&'a str> {
 
 /// Authenticates the caller and reads the declared purpose.
 pub(crate) fn caller(node: &Node, md: &MetadataMap) -> Result<Caller> {
-    let principal = node.authenticate(header(md, "authorization"))?;
+    let (principal, federated) = match header(md, crate::federation::ASSERTION_HEADER) {
+        Some(a) => {
+            let (p, a) =
+                node.federated_principal(a, header(md, "authorization"), header(md, PURPOSE_HEADER).unwrap_or(""))?;
+            (p, Some(a))
+        }
+        None => (node.authenticate(header(md, "authorization"))?, None),
+    };
     let purpose = header(md, PURPOSE_HEADER).ok_or_else(|| {
         Error::invalid(
             format!("missing `{PURPOSE_HEADER}` header"),
@@ -69,7 +78,11 @@ pub(crate) fn caller(node: &Node, md: &MetadataMap) -> Result<Caller> {
             "purposes are slash-separated lowercase paths",
         )
     })?;
-    Ok(Caller { principal, purpose })
+    Ok(Caller {
+        principal,
+        purpose,
+        federated,
+    })
 }
 
 /// What an audit entry is about.
@@ -205,6 +218,267 @@ impl FlightHandler {
         record(&self.node, md, caller, action, &target, outcome, final_entry).await
     }
 
+    /// A federated request at the principal's home node: this node's part and each peer's,
+    /// asked for concurrently on the principal's behalf; `None` when the descriptor names a
+    /// local dataset (or comes from a peer: peers never fan out further).
+    async fn federated_request(&self, md: &MetadataMap, desc: &FlightDescriptor) -> Result<Option<FlightInfo>> {
+        use crate::catalog::OnPartial;
+        use crate::federation::{Assertion, NodeStatus, ask_peer};
+        let Ok(cmd) = command_from_descriptor(desc) else {
+            return Ok(None);
+        };
+        let snap = self.node.snapshot();
+        let local_part = snap.federated_dataset(&cmd.dataset).filter(|n| *n != cmd.dataset);
+        if snap.datasets.contains_key(&cmd.dataset)
+            || header(md, crate::federation::ASSERTION_HEADER).is_some()
+            || (local_part.is_none() && self.node.peers.is_empty())
+        {
+            return Ok(None);
+        }
+        let action = audit::Action::GetFlightInfo;
+        let caller = match self.caller(md) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit(md, None, action, Some(&cmd), Err(&e), true).await?;
+                return Err(e);
+            }
+        };
+        let rank = cmd.shard.map(|s| s.rank as usize);
+        let part_cmd = DataCommand {
+            parts: Some(cmd.shard.map_or(1, |s| s.world_size)),
+            shard: None,
+            on_partial: None,
+            ..cmd.clone()
+        };
+        let pick = |mut endpoints: Vec<FlightEndpoint>| -> Vec<FlightEndpoint> {
+            match rank {
+                Some(r) if r < endpoints.len() => vec![endpoints.swap_remove(r)],
+                Some(_) => Vec::new(),
+                None => endpoints,
+            }
+        };
+        let mut nodes = Vec::new();
+        let mut endpoints = Vec::new();
+        let mut schemas = Vec::new();
+        if let Some(local) = local_part {
+            let local_cmd = DataCommand {
+                dataset: local.clone(),
+                ..part_cmd.clone()
+            };
+            let member_state = snap
+                .datasets
+                .get(&local)
+                .map(|m| m.member_state.to_string())
+                .unwrap_or_default();
+            let mut status = NodeStatus {
+                node: self.node.node_id().to_string(),
+                member_state,
+                status: "ok".into(),
+                reason: None,
+                endpoints: 0,
+                location: self.node.advertise_url.get().cloned(),
+                assertion: None,
+            };
+            match catalog::plan(&self.node, &caller.principal, &caller.purpose, &local_cmd).await {
+                Ok(planned) => {
+                    let info = self.flight_info(&caller, &local_cmd, &planned, desc.clone(), true)?;
+                    let mine = pick(info.endpoint);
+                    status.endpoints = mine.len();
+                    endpoints.extend(mine);
+                    schemas.push(planned.schema.as_ref().clone());
+                }
+                Err(e) => {
+                    status.status = "denied".into();
+                    status.reason = Some(e.public_message());
+                }
+            }
+            nodes.push(status);
+        }
+        let now = chrono::Utc::now().timestamp();
+        let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
+        let peer_cmd = serde_json::to_value(&part_cmd).map_err(|e| Error::Internal(e.to_string()))?;
+        let purpose = caller.purpose.to_string();
+        let asks = self.node.peers.iter().map(|peer| {
+            let assertion = Assertion {
+                v: 1,
+                iss: self.node.node_id().to_string(),
+                aud: peer.node_id.clone(),
+                sub: caller.principal.name.clone(),
+                org: caller.principal.org.clone(),
+                member_state: caller.principal.member_state.clone(),
+                purpose: purpose.clone(),
+                iat: now,
+                exp: now + self.node.federation.assertion_ttl_secs.max(1) as i64,
+                jti: crate::auth::hex(&rand::random::<[u8; 12]>()),
+            }
+            .sign(&self.node.node_key);
+            let (peer_cmd, purpose, tls) = (&peer_cmd, &purpose, self.node.client_tls.as_ref());
+            async move {
+                let answer = match &assertion {
+                    Ok(a) => ask_peer(peer, tls, timeout, peer_cmd, purpose, a).await,
+                    Err(e) => Err(("unavailable".to_string(), e.to_string())),
+                };
+                (peer, assertion.ok(), answer)
+            }
+        });
+        for (peer, assertion, answer) in futures::future::join_all(asks).await {
+            let mut status = NodeStatus {
+                node: peer.node_id.clone(),
+                member_state: peer.member_state.clone(),
+                status: "ok".into(),
+                reason: None,
+                endpoints: 0,
+                location: None,
+                assertion: None,
+            };
+            match answer {
+                Ok(info) => match info.clone().try_decode_schema() {
+                    Ok(schema) => {
+                        let theirs = pick(info.endpoint);
+                        status.location = theirs.first().and_then(|e| e.location.first()).map(|l| l.uri.clone());
+                        status.endpoints = theirs.len();
+                        status.assertion = assertion;
+                        endpoints.extend(theirs);
+                        schemas.push(schema);
+                    }
+                    Err(e) => {
+                        status.status = "unavailable".into();
+                        status.reason = Some(format!("unreadable answer: {e}"));
+                    }
+                },
+                Err((kind, _)) if kind == "absent" => continue,
+                Err((kind, reason)) => {
+                    status.status = kind;
+                    status.reason = Some(reason);
+                }
+            }
+            nodes.push(status);
+        }
+        if nodes.is_empty() {
+            let e = Error::DatasetNotFound {
+                name: cmd.dataset.clone(),
+            };
+            self.audit(md, Some(&caller), action, Some(&cmd), Err(&e), true).await?;
+            return Err(e);
+        }
+        let summary = nodes
+            .iter()
+            .map(|n| match &n.reason {
+                Some(r) => format!("{} ({}) {}: {r}", n.node, n.member_state, n.status),
+                None => format!("{} ({}) {}", n.node, n.member_state, n.status),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let failed: Vec<&NodeStatus> = nodes.iter().filter(|n| n.status != "ok").collect();
+        if (!failed.is_empty() && cmd.on_partial.unwrap_or_default() == OnPartial::Fail) || failed.len() == nodes.len()
+        {
+            let message = format!(
+                "federated dataset `{}`: {}",
+                cmd.dataset,
+                failed
+                    .iter()
+                    .map(|n| format!(
+                        "{} ({}) {}: {}",
+                        n.node,
+                        n.member_state,
+                        n.status,
+                        n.reason.as_deref().unwrap_or("")
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            let e = if failed.iter().any(|n| n.status == "denied" || n.status == "refused") {
+                Error::PermissionDenied {
+                    reason: format!("{message}; pass \"on_partial\": \"skip\" to proceed without them"),
+                }
+            } else {
+                Error::PeerUnavailable { message }
+            };
+            self.audit(md, Some(&caller), action, Some(&cmd), Err(&e), true).await?;
+            return Err(e);
+        }
+        let schema = arrow::datatypes::Schema::try_merge(schemas).map_err(|e| {
+            Error::invalid(
+                format!("the nodes' parts of `{}` disagree on column types: {e}", cmd.dataset),
+                "ask the stewards to align the column types of their parts",
+            )
+        })?;
+        let metadata = serde_json::json!({ "federation": cmd.dataset, "nodes": nodes });
+        let mut info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Error::Internal(format!("encode schema: {e}")))?
+            .with_descriptor(desc.clone())
+            .with_total_records(-1)
+            .with_ordered(false)
+            .with_app_metadata(metadata.to_string().into_bytes());
+        for e in endpoints {
+            info = info.with_endpoint(e);
+        }
+        let reason = format!("federated: {summary}");
+        self.audit(md, Some(&caller), action, Some(&cmd), Ok(&reason), true)
+            .await?;
+        Ok(Some(info))
+    }
+
+    /// Re-issues the ticket of a part so that it skips the batches the reader already has.
+    async fn resume(&self, md: &MetadataMap, body: &[u8]) -> Result<Vec<u8>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Resume {
+            ticket: String,
+            batches: u64,
+        }
+        let caller = self.caller(md)?;
+        let r: Resume = serde_json::from_slice(body).map_err(|e| {
+            Error::invalid(
+                format!("resume body: {e}"),
+                "send {\"ticket\": \"<the part's ticket>\", \"batches\": <batches already read>}",
+            )
+        })?;
+        let now = chrono::Utc::now().timestamp();
+        let claims = self.node.tickets.verify(r.ticket.as_bytes(), now)?;
+        if claims.principal != caller.principal.name || claims.purpose != caller.purpose.as_str() {
+            return Err(Error::PermissionDenied {
+                reason: "ticket was issued to another principal or for another purpose".into(),
+            });
+        }
+        if claims.part.is_none() {
+            return Err(Error::invalid(
+                "only tickets of parts can be resumed",
+                "ask for the stream with `parts` (or a federated `shard`)",
+            ));
+        }
+        self.node.tickets.sign(&TicketClaims {
+            skip: claims.skip.saturating_add(r.batches),
+            nonce: rand::random(),
+            exp: now + self.node.ticket_ttl.as_secs() as i64,
+            ..claims
+        })
+    }
+
+    /// A peer's principal names federated datasets, and reaches only this node's part of them.
+    fn resolve(&self, caller: &Caller, mut cmd: DataCommand) -> Result<DataCommand> {
+        if caller.federated.is_some() {
+            cmd.dataset =
+                self.node
+                    .snapshot()
+                    .federated_dataset(&cmd.dataset)
+                    .ok_or_else(|| Error::DatasetNotFound {
+                        name: cmd.dataset.clone(),
+                    })?;
+        }
+        if cmd.shard.is_some() || cmd.on_partial.is_some() {
+            return Err(Error::invalid(
+                format!(
+                    "`shard` and `on_partial` apply to federated datasets, and `{}` is a dataset of this node",
+                    cmd.dataset
+                ),
+                "use `parts` to split a local stream",
+            ));
+        }
+        Ok(cmd)
+    }
+
     /// Authenticates, parses and plans; audits denials. Returns the caller and the plan.
     async fn decide(
         &self,
@@ -219,7 +493,7 @@ impl FlightHandler {
                 return Err(e);
             }
         };
-        let cmd = match cmd {
+        let cmd = match cmd.and_then(|c| self.resolve(&caller, c)) {
             Ok(c) => c,
             Err(e) => {
                 self.audit(md, Some(&caller), action, None, Err(&e), true).await?;
@@ -250,21 +524,40 @@ impl FlightHandler {
             .with_total_records(-1)
             .with_ordered(false);
         if with_ticket {
-            let claims = TicketClaims {
-                principal: caller.principal.name.clone(),
-                purpose: caller.purpose.to_string(),
-                dataset: cmd.dataset.clone(),
-                columns: cmd.columns.clone(),
-                filter: cmd.filter.clone(),
-                limit: cmd.limit,
-                exp: chrono::Utc::now().timestamp() + self.node.ticket_ttl.as_secs() as i64,
-                nonce: rand::random(),
-                sql: None,
-                ..self.node.claims_for(&caller.principal)
-            };
-            info = info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(self.node.tickets.sign(&claims)?)));
+            for ticket in self.tickets(caller, cmd)? {
+                let mut endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
+                // Parts and peers' callers read from this node by URL; a plain request reads on
+                // the connection it came on.
+                if cmd.parts.is_some() || caller.federated.is_some() {
+                    endpoint = endpoint.with_location(self.node.advertise_url.get().map_or("", String::as_str));
+                }
+                info = info.with_endpoint(endpoint);
+            }
         }
         Ok(info)
+    }
+
+    /// One signed ticket per part of the request.
+    fn tickets(&self, caller: &Caller, cmd: &DataCommand) -> Result<Vec<Vec<u8>>> {
+        let n = cmd.parts.unwrap_or(1);
+        (0..n)
+            .map(|k| {
+                self.node.tickets.sign(&TicketClaims {
+                    principal: caller.principal.name.clone(),
+                    purpose: caller.purpose.to_string(),
+                    dataset: cmd.dataset.clone(),
+                    columns: cmd.columns.clone(),
+                    filter: cmd.filter.clone(),
+                    limit: cmd.limit,
+                    exp: chrono::Utc::now().timestamp() + self.node.ticket_ttl.as_secs() as i64,
+                    nonce: rand::random(),
+                    sql: None,
+                    part: cmd.parts.map(|n| (k, n)),
+                    skip: 0,
+                    ..self.node.claims_for(&caller.principal)
+                })
+            })
+            .collect()
     }
 }
 
@@ -446,6 +739,14 @@ impl FlightService for FlightHandler {
                 return Err(e.into());
             }
         };
+        if caller.federated.is_some() {
+            let e = Error::PermissionDenied {
+                reason: "a peer's principal asks its home node for the federated datasets it may use".into(),
+            };
+            self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Err(&e), true)
+                .await?;
+            return Err(e.into());
+        }
         let mut infos = Vec::new();
         for name in self.node.snapshot().datasets.keys() {
             let cmd = DataCommand {
@@ -479,6 +780,9 @@ impl FlightService for FlightHandler {
         }
         let md = request.metadata().clone();
         let desc = request.into_inner();
+        if let Some(info) = self.federated_request(&md, &desc).await? {
+            return Ok(Response::new(info));
+        }
         let (caller, cmd, planned) = self
             .decide(&md, audit::Action::GetFlightInfo, command_from_descriptor(&desc))
             .await?;
@@ -573,6 +877,8 @@ impl FlightService for FlightHandler {
             columns: claims.columns.clone(),
             filter: claims.filter.clone(),
             limit: claims.limit,
+            parts: claims.part.map(|(_, n)| n),
+            ..Default::default()
         };
         let mismatch = if claims.principal != caller.principal.name {
             Some("ticket was issued to another principal".to_string())
@@ -637,6 +943,10 @@ impl FlightService for FlightHandler {
                 return Err(Error::from(e).into());
             }
         };
+        let stream = match claims.part {
+            Some((k, n)) => crate::federation::deal(stream, k, n, claims.skip),
+            None => stream,
+        };
         let audited = AuditedStream::new(
             stream,
             self.node.audit.clone(),
@@ -666,7 +976,22 @@ impl FlightService for FlightHandler {
 
     /// The only actions are Flight SQL's (prepared statements).
     async fn do_action(&self, request: Request<Action>) -> std::result::Result<Response<Self::DoActionStream>, Status> {
-        FlightService::do_action(self.sql.as_ref(), request).await
+        match request.get_ref().r#type.as_str() {
+            crate::federation::RESUME_ACTION => {
+                let md = request.metadata().clone();
+                let ticket = self.resume(&md, &request.get_ref().body).await?;
+                let out = arrow_flight::Result { body: ticket.into() };
+                Ok(Response::new(futures::stream::iter([Ok(out)]).boxed()))
+            }
+            crate::federation::NODE_KEY_ACTION => {
+                let body = serde_json::json!({ "node_id": self.node.node_id(), "keys": [self.node.node_key.jwk()] });
+                let out = arrow_flight::Result {
+                    body: body.to_string().into_bytes().into(),
+                };
+                Ok(Response::new(futures::stream::iter([Ok(out)]).boxed()))
+            }
+            _ => FlightService::do_action(self.sql.as_ref(), request).await,
+        }
     }
 
     async fn list_actions(
@@ -674,7 +999,13 @@ impl FlightService for FlightHandler {
         _request: Request<Empty>,
     ) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
         Ok(Response::new(
-            futures::stream::iter(crate::flight_sql::action_types().into_iter().map(Ok)).boxed(),
+            futures::stream::iter(
+                crate::flight_sql::action_types()
+                    .into_iter()
+                    .chain(crate::federation::action_types())
+                    .map(Ok),
+            )
+            .boxed(),
         ))
     }
 }

@@ -58,6 +58,10 @@ pub struct Manifest {
     /// stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k_anonymity: Option<u32>,
+    /// The federated dataset this one is this node's part of (e.g. `eu_diabetes`): peers'
+    /// principals reach it under that name, each node deciding under its own policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<String>,
 }
 
 const MANIFEST_HINT: &str = "see the manifest format in the README (name, location, format, member_state, controller, subject_column, legal_basis, purposes, [columns])";

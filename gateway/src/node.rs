@@ -43,6 +43,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The local dataset that is this node's part of federated dataset `name` (or `name` itself
+    /// if it is a local dataset belonging to a federation).
+    pub fn federated_dataset(&self, name: &str) -> Option<String> {
+        if self.datasets.get(name).is_some_and(|m| m.federation.is_some()) {
+            return Some(name.to_string());
+        }
+        self.datasets
+            .values()
+            .find(|m| m.federation.as_deref() == Some(name))
+            .map(|m| m.name.to_string())
+    }
+
     /// The dataset if it exists and the principal may know it exists; otherwise the same
     /// `NotFound` for both cases.
     pub fn visible_dataset(&self, principal: &Principal, name: &str) -> Result<Arc<Manifest>> {
@@ -86,6 +98,14 @@ pub struct Node {
     pub allow_bearer: bool,
     /// Request-rate, stream and failed-authentication limits.
     pub limits: Arc<crate::limits::Limits>,
+    /// Other member states' nodes.
+    pub peers: crate::federation::Peers,
+    /// Federation settings.
+    pub federation: crate::federation::FederationOptions,
+    /// The Flight URL written into this node's endpoints (set once the listener is bound).
+    pub advertise_url: std::sync::OnceLock<String>,
+    /// This node's certificate, presented to `grpc+tls://` peers.
+    pub client_tls: Option<crate::federation::ClientTls>,
     /// Limits on governed SQL.
     pub sql: crate::sql::SqlOptions,
     /// Threads that run SQL plans.
@@ -328,6 +348,10 @@ impl Node {
             ticket_ttl: Duration::from_secs(600),
             allow_bearer: true,
             limits: Arc::default(),
+            peers: crate::federation::Peers::default(),
+            federation: crate::federation::FederationOptions::default(),
+            advertise_url: std::sync::OnceLock::new(),
+            client_tls: None,
             sql: crate::sql::SqlOptions::default(),
             stores: passerelle_connectors::Stores::default(),
             source_ttl: Duration::from_secs(60),
@@ -568,12 +592,54 @@ impl Node {
             exp: 0,
             nonce: 0,
             sql: None,
+            part: None,
+            skip: 0,
         }
     }
 
     /// This node's id (config `node_id`, default `passerelle-<key id>`).
     pub fn node_id(&self) -> &str {
         self.tickets.node_id()
+    }
+
+    /// A peer node's principal, vouched for by an assertion its home node signed for this node.
+    /// Its name here is `name@home-node`; its organisation and member state are the home node's
+    /// word, everything else (permits, consent, columns) is decided here.
+    pub fn federated_principal(
+        &self,
+        assertion: &str,
+        authorization: Option<&str>,
+        purpose: &str,
+    ) -> Result<(Principal, crate::federation::Assertion)> {
+        let unauthenticated = |reason: String| Error::Unauthenticated { reason: reason.into() };
+        if authorization.is_some() {
+            return Err(unauthenticated(
+                "send either a federation assertion or this node's credentials, not both".into(),
+            ));
+        }
+        let a = crate::federation::Assertion::verify(assertion, self.node_id(), &self.peers, Utc::now().timestamp())?;
+        if a.purpose != purpose {
+            return Err(unauthenticated(format!(
+                "the federation assertion was issued for purpose `{}`, not `{purpose}`",
+                a.purpose
+            )));
+        }
+        if let Some(cert) = crate::tls::current_peer_cert()
+            && (cert.common_name != a.sub && self.peers.get(&cert.common_name).is_none() && cert.common_name != a.iss)
+        {
+            return Err(unauthenticated(format!(
+                "the client certificate names `{}`, neither the asserted principal nor its home node",
+                cert.common_name
+            )));
+        }
+        let principal = Principal {
+            name: format!("{}@{}", a.sub, a.iss),
+            org: a.org.clone(),
+            member_state: a.member_state.clone(),
+            role: Role::Trainer,
+        };
+        self.limits.admit(&principal.name)?;
+        Ok((principal, a))
     }
 
     fn authenticate_key(&self, header: &str) -> Result<Principal> {
@@ -640,10 +706,10 @@ impl Node {
     pub async fn add_principal(&self, principal: &Principal) -> Result<String> {
         passerelle_policies::authz::check_policy_value(&principal.name)?;
         passerelle_policies::authz::check_policy_value(&principal.org)?;
-        if principal.name.contains(':') {
+        if principal.name.contains([':', '@']) {
             return Err(Error::invalid(
-                "principal names may not contain `:`",
-                "basic auth separates name and key with `:`",
+                "principal names may not contain `:` or `@`",
+                "basic auth separates name and key with `:`; `name@node` names peer nodes' principals",
             ));
         }
         passerelle_policies::MemberState::parse(&principal.member_state)?;
@@ -669,6 +735,38 @@ impl Node {
         manifest: &Manifest,
         stores: &passerelle_connectors::Stores,
     ) -> Result<()> {
+        if let Some(f) = &manifest.federation {
+            let valid = !f.is_empty()
+                && f.len() <= 64
+                && f.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                return Err(Error::invalid(
+                    format!("federation `{f}` is not a name"),
+                    "use lowercase letters, digits and _ (e.g. eu_diabetes)",
+                ));
+            }
+            let snap = self.snapshot();
+            if let Some(other) = snap
+                .datasets
+                .values()
+                .find(|m| m.federation.as_deref() == Some(f) && m.name != manifest.name)
+            {
+                return Err(Error::invalid(
+                    format!(
+                        "dataset `{}` is already this node's part of federation `{f}`",
+                        other.name
+                    ),
+                    "a node holds one part of each federated dataset",
+                ));
+            }
+            if snap.datasets.contains_key(f.as_str()) {
+                return Err(Error::invalid(
+                    format!("federation `{f}` has the name of a local dataset"),
+                    "name the federation differently from every local dataset",
+                ));
+            }
+        }
         if manifest.name.as_str() == crate::audit_table::AUDIT_TABLE {
             return Err(Error::invalid(
                 format!(

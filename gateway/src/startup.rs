@@ -46,6 +46,12 @@ impl Application {
             n.source_ttl = Duration::from_secs(cfg.sources.cache_ttl_secs);
             n.allow_bearer = cfg.tls.as_ref().is_none_or(|t| t.allow_bearer);
             n.limits = Arc::new(crate::limits::Limits::new(cfg.limits.clone()));
+            n.peers = crate::federation::Peers::new(&cfg.peers)?;
+            n.federation = cfg.federation.clone();
+            n.client_tls = cfg.tls.as_ref().map(|t| crate::federation::ClientTls {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            });
             if let Some(id) = &cfg.node_id {
                 n.tickets = crate::ticket::TicketSigner::new(Arc::clone(&n.node_key), id.clone());
             }
@@ -83,6 +89,11 @@ impl Application {
             })
         };
         let (flight_addr, http_addr) = (local(&flight)?, local(&http)?);
+        let advertise = cfg.federation.advertise_flight_url.clone().unwrap_or_else(|| {
+            let scheme = if cfg.tls.is_some() { "grpc+tls" } else { "grpc" };
+            format!("{scheme}://{flight_addr}")
+        });
+        let _ = node.advertise_url.set(advertise);
         let serve_json = serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string(), "tls": cfg.tls.is_some() });
         let path = data_dir.join("serve.json");
         let tmp = data_dir.join("serve.json.tmp");

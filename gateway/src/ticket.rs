@@ -63,6 +63,16 @@ pub struct TicketClaims {
     /// A Flight SQL statement (then `dataset` is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sql: Option<SqlClaim>,
+    /// Part `k` of `n` of the stream (rows dealt round-robin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<(u32, u32)>,
+    /// Batches of the part already consumed: a resumed reader continues after them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skip: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A statement and its bound parameters, carried by Flight SQL tickets and prepared-statement
@@ -158,6 +168,8 @@ mod tests {
             exp,
             nonce: 7,
             sql: None,
+            part: None,
+            skip: 0,
         }
     }
 

@@ -89,6 +89,18 @@ pub struct Permit {
 }
 
 impl Principal {
+    /// The casbin subject. A peer node's principal (`name@home-node`, vouched for by a
+    /// federation assertion) is not in this node's registry and has no `g` line: casbin sees it
+    /// by its role, so permits to its organisation and rules for its domain apply to it, and
+    /// rules naming one of this node's principals do not.
+    pub fn subject(&self) -> &str {
+        if self.name.contains('@') {
+            self.role.as_str()
+        } else {
+            &self.name
+        }
+    }
+
     /// The casbin domain: `<member state>/<organisation>`, so rules can name a member state
     /// (`DE/*`), an organisation (`dkfz`) or both (`DE/dkfz`).
     pub fn domain(&self) -> String {
@@ -314,7 +326,7 @@ impl Authorizer {
         let object = format!("{}{SPECIAL_SUFFIX}", dataset.name);
         self.enforcer
             .enforce((
-                principal.name.as_str(),
+                principal.subject(),
                 principal.domain().as_str(),
                 object.as_str(),
                 purpose.as_str(),
@@ -361,7 +373,7 @@ impl Authorizer {
         let (allow, rules) = self
             .enforcer
             .enforce_ex((
-                principal.name.as_str(),
+                principal.subject(),
                 principal.domain().as_str(),
                 dataset.name.as_str(),
                 purpose.as_str(),

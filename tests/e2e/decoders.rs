@@ -50,6 +50,8 @@ fn claims(principal: String, filter: Option<String>, columns: Option<Vec<String>
         exp: i64::MAX,
         nonce: 1,
         sql: None,
+        part: None,
+        skip: 0,
     }
 }
 
