@@ -150,13 +150,20 @@ pub(crate) async fn record(
         statement: target.statement.map(str::to_string),
         action,
         allow: outcome.is_ok(),
-        reason: match outcome {
-            Ok(r) => r.to_string(),
-            Err(e) if suppressed > 0 => format!(
+        reason: match (outcome, caller.and_then(|c| c.federated.as_ref())) {
+            (Ok(r), Some(a)) => format!("{r} (for {}'s principal, assertion {})", a.iss, a.jti),
+            (Err(e), Some(a)) => format!(
+                "{} (for {}'s principal, assertion {})",
+                e.public_message(),
+                a.iss,
+                a.jti
+            ),
+            (Ok(r), None) => r.to_string(),
+            (Err(e), None) if suppressed > 0 => format!(
                 "{} (and {suppressed} failed authentications refused unaudited before this one)",
                 e.public_message()
             ),
-            Err(e) => e.public_message(),
+            (Err(e), None) => e.public_message(),
         },
         consent_version,
         policy_version: snap.authorizer.version().to_string(),

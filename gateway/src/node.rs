@@ -624,13 +624,20 @@ impl Node {
                 a.purpose
             )));
         }
-        if let Some(cert) = crate::tls::current_peer_cert()
-            && (cert.common_name != a.sub && self.peers.get(&cert.common_name).is_none() && cert.common_name != a.iss)
-        {
-            return Err(unauthenticated(format!(
-                "the client certificate names `{}`, neither the asserted principal nor its home node",
-                cert.common_name
-            )));
+        // Over TLS, the connection comes either from the principal itself (its certificate must
+        // then say what the assertion says) or from its home node (a gateway certificate).
+        if let Some(cert) = crate::tls::current_peer_cert() {
+            let is_principal = cert.common_name == a.sub
+                && cert.organisation.as_deref() == Some(a.org.as_str())
+                && cert.country.as_deref() == Some(a.member_state.as_str())
+                && cert.issuer_country.as_deref() == Some(a.member_state.as_str());
+            let is_home = cert.common_name == a.iss && cert.issuer_country.as_deref() == Some(a.member_state.as_str());
+            if !is_principal && !is_home {
+                return Err(unauthenticated(format!(
+                    "the client certificate (CN `{}`) is neither the asserted principal's nor its home node's",
+                    cert.common_name
+                )));
+            }
         }
         let principal = Principal {
             name: format!("{}@{}", a.sub, a.iss),
