@@ -435,13 +435,16 @@ impl FlightHandler {
             ticket: String,
             batches: u64,
         }
-        let caller = self.caller(md)?;
         let r: Resume = serde_json::from_slice(body).map_err(|e| {
             Error::invalid(
                 format!("resume body: {e}"),
                 "send {\"ticket\": \"<the part's ticket>\", \"batches\": <batches already read>}",
             )
         })?;
+        let caller = match self.certificate_holder_of(md, r.ticket.as_bytes()) {
+            Some(c) => c,
+            None => self.caller(md)?,
+        };
         let now = chrono::Utc::now().timestamp();
         let claims = self.node.tickets.verify(r.ticket.as_bytes(), now)?;
         if claims.principal != caller.principal.name || claims.purpose != caller.purpose.as_str() {
@@ -460,6 +463,41 @@ impl FlightHandler {
             nonce: rand::random(),
             exp: now + self.node.ticket_ttl.as_secs() as i64,
             ..claims
+        })
+    }
+
+    /// A peer node's principal reading its part with only its own certificate (no assertion):
+    /// the ticket this node issued names `name@home`, and the certificate — issued by the
+    /// authority of the ticket's member state, which must be the home peer's — names the same
+    /// principal, organisation and member state. `None` when that is not the case (the caller
+    /// is then authenticated as usual).
+    fn certificate_holder_of(&self, md: &MetadataMap, ticket: &[u8]) -> Option<Caller> {
+        if header(md, crate::federation::ASSERTION_HEADER).is_some() || header(md, "authorization").is_some() {
+            return None;
+        }
+        let cert = crate::tls::current_peer_cert()?;
+        let claims = self.node.tickets.verify(ticket, chrono::Utc::now().timestamp()).ok()?;
+        let (name, home) = claims.principal.split_once('@')?;
+        let peer = self.node.peers.get(home)?;
+        let matches = cert.common_name == name
+            && cert.organisation.as_deref() == Some(claims.org.as_str())
+            && cert.country.as_deref() == Some(claims.member_state.as_str())
+            && cert.issuer_country.as_deref() == Some(claims.member_state.as_str())
+            && peer.member_state == claims.member_state;
+        if !matches {
+            return None;
+        }
+        let purpose = Purpose::parse(header(md, PURPOSE_HEADER)?).ok()?;
+        self.node.limits.admit(&claims.principal).ok()?;
+        Some(Caller {
+            principal: Principal {
+                name: claims.principal.clone(),
+                org: claims.org.clone(),
+                member_state: claims.member_state.clone(),
+                role: passerelle_policies::Role::Trainer,
+            },
+            purpose,
+            federated: None,
         })
     }
 
@@ -507,7 +545,22 @@ impl FlightHandler {
                 return Err(e);
             }
         };
-        match catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd).await {
+        let planned = catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd)
+            .await
+            .map_err(|e| match e {
+                // A peer's principal already knows the federation, and that this node holds a
+                // part: say it is refused, rather than missing.
+                Error::DatasetNotFound { .. } if caller.federated.is_some() => Error::PermissionDenied {
+                    reason: format!(
+                        "node `{}` does not release its part to organisation `{}` for purpose `{}`",
+                        self.node.node_id(),
+                        caller.principal.org,
+                        caller.purpose
+                    ),
+                },
+                e => e,
+            });
+        match planned {
             Ok(p) => Ok((caller, cmd, p)),
             Err(e) => {
                 self.audit(md, Some(&caller), action, Some(&cmd), Err(&e), true).await?;
@@ -855,7 +908,10 @@ impl FlightService for FlightHandler {
         if let Some(name) = ticket.ticket.strip_prefix(crate::bench_support::UNGUARDED_PREFIX) {
             return crate::bench_support::unguarded_do_get(&self.node, name).await;
         }
-        let caller = match self.caller(&md) {
+        let caller = match self
+            .certificate_holder_of(&md, &ticket.ticket)
+            .map_or_else(|| self.caller(&md), Ok)
+        {
             Ok(c) => c,
             Err(e) => {
                 self.audit(&md, None, audit::Action::DoGet, None, Err(&e), true).await?;

@@ -531,14 +531,15 @@ def _read_json_file(path: Path) -> Any:
 
 
 def start_gateway(binary: Path, data_dir: Path, demo_rows: int = 20000, *, config: Path | None = None,
-                  env: dict[str, str] | None = None) -> Gateway:
-    """`passerelle serve --demo` on port 0, optionally with `--config FILE` and a whole environment of its own
-    (default: this process's)."""
+                  env: dict[str, str] | None = None, flight_addr: str = "127.0.0.1:0",
+                  http_addr: str = "127.0.0.1:0") -> Gateway:
+    """`passerelle serve --demo` on port 0 (or on the given addresses), optionally with `--config FILE` and a whole
+    environment of its own (default: this process's)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"{data_dir.name}-serve.log"
     log = open(log_path, "wb")
     cmd = [str(binary), "serve", *(["--config", str(config)] if config is not None else []), "--data-dir",
-           str(data_dir), "--flight-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--demo", "--demo-rows",
+           str(data_dir), "--flight-addr", flight_addr, "--http-addr", http_addr, "--demo", "--demo-rows",
            str(demo_rows)]
     env = dict(os.environ if env is None else env)
     env.setdefault("RUST_BACKTRACE", "1")
