@@ -26,6 +26,7 @@ pub mod consent_file;
 pub mod demo;
 pub mod error;
 pub mod explain;
+pub mod federated_sql;
 pub mod federation;
 pub mod flight;
 pub mod flight_sql;

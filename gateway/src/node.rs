@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{Datelike as _, Utc};
 use passerelle_policies::authz::{DEFAULT_MODEL, DEFAULT_POLICY_FILE, PolicyFile};
 use passerelle_policies::consent::{ConsentEvent, ConsentIndex, ConsentStore};
 use passerelle_policies::enforce::Pseudonymiser;
@@ -867,6 +867,24 @@ impl Node {
     /// Adds or renews a permit for a registered dataset.
     pub async fn add_permit(&self, permit: &Permit) -> Result<()> {
         passerelle_policies::authz::check_policy_value(&permit.org)?;
+        // A permit names one organisation: `*` or `DE/*` would be read by the policy's domain
+        // matching as a wildcard and open the dataset to every organisation.
+        if permit.org.contains(['*', '/']) {
+            return Err(Error::invalid(
+                format!("`{}` is not an organisation name", permit.org),
+                "grant permits to one organisation at a time (wildcards are for deny rules)",
+            ));
+        }
+        // Stored as RFC 3339 UTC and read back as such: years outside 0000-9999 would not parse
+        // again and would stop every later metadata change.
+        if let Some(e) = permit.expires
+            && !(0..=9999).contains(&e.year())
+        {
+            return Err(Error::invalid(
+                format!("expiry {e} is out of range"),
+                "write a date between the years 0000 and 9999, e.g. 2027-01-01T00:00:00Z",
+            ));
+        }
         self.meta.upsert_permit(permit).await
     }
 

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit_table::{AUDIT_TABLE, AuditTable};
 use crate::catalog::{self, Guarded};
 use crate::error::{Error, Result};
+use crate::federated_sql::FederatedTable;
 use crate::node::Node;
 
 /// The catalog name clients see.
@@ -127,6 +128,16 @@ struct GovernedSchema {
 }
 
 impl GovernedSchema {
+    /// A federated dataset's name at this principal's home node (not a local dataset; a local
+    /// part of it, or peers to ask). Peers' principals never fan out further.
+    fn is_federation(&self, name: &str) -> bool {
+        let snap = self.node.snapshot();
+        !snap.datasets.contains_key(name)
+            && !self.principal.name.contains('@')
+            && name != AUDIT_TABLE
+            && (snap.federated_dataset(name).is_some() || !self.node.peers.is_empty())
+    }
+
     /// Auditors (and admins) see the audit log as the table `audit`, read-only.
     fn reads_audit(&self) -> bool {
         matches!(self.principal.role, Role::Auditor | Role::Admin)
@@ -144,6 +155,20 @@ impl SchemaProvider for GovernedSchema {
     }
 
     async fn table(&self, name: &str) -> std::result::Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        if self.is_federation(name) {
+            let table = FederatedTable::open(&self.node, &self.principal, &self.purpose, name)
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            if let Ok(mut touched) = self.touched.lock() {
+                touched.push(Touched {
+                    dataset: name.to_string(),
+                    counters: Arc::default(),
+                    consent_version: self.node.consent.applied_seq(),
+                    reason: "federated: each node's part under its own policy".into(),
+                });
+            }
+            return Ok(Some(Arc::new(table)));
+        }
         if name == AUDIT_TABLE && self.reads_audit() {
             if let Ok(mut touched) = self.touched.lock() {
                 touched.push(Touched {
@@ -297,7 +322,9 @@ fn check_guarded(plan: &LogicalPlan) -> Result<()> {
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             let guarded = source_as_provider(&scan.source).ok().is_some_and(|p| {
-                p.downcast_ref::<GuardedTable>().is_some() || p.downcast_ref::<AuditTable>().is_some()
+                p.downcast_ref::<GuardedTable>().is_some()
+                    || p.downcast_ref::<AuditTable>().is_some()
+                    || crate::federated_sql::is_federated(p.as_ref())
             });
             if !guarded {
                 // Only recursive CTEs' work tables get here; anything else would be our bug,

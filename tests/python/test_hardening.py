@@ -172,3 +172,29 @@ def test_open_streams_are_limited_per_principal(limited: Gateway):
         except flight.FlightError:
             if time.monotonic() > deadline:
                 raise
+
+
+# ======================================================================================================================
+# Permits that would have poisoned the metadata or widened access
+# ======================================================================================================================
+
+@pytest.mark.parametrize("expires", ["9999-12-31T23:00:00-01:00", "0000-01-01T00:00:00+01:00"])
+def test_permit_expiry_out_of_range_is_refused_and_the_node_keeps_working(scratch_gateway: Gateway, expires):
+    gw = scratch_gateway
+    resp = http("POST", gw.url(f"/api/v1/datasets/{DATASET}/permits"), key=gw.keys["steward-fr"],
+                body={"org": "embl", "purpose": PURPOSE, "expires": expires})
+    err = assert_json_error(resp, 400)
+    assert "out of range" in err["error"], err
+    # later metadata changes still take effect
+    ok = http("POST", gw.url(f"/api/v1/datasets/{DATASET}/permits"), key=gw.keys["steward-fr"],
+              body={"org": "embl", "purpose": PURPOSE, "expires": "2099-01-01T00:00:00Z"})
+    assert ok.status in (200, 201), ok.text[:500]
+
+
+@pytest.mark.parametrize("org", ["*", "DE/*", "DE/dkfz"])
+def test_permits_name_one_organisation(scratch_gateway: Gateway, org):
+    gw = scratch_gateway
+    resp = http("POST", gw.url(f"/api/v1/datasets/{DATASET}/permits"), key=gw.keys["steward-fr"],
+                body={"org": org, "purpose": PURPOSE})
+    err = assert_json_error(resp, 400)
+    assert "organisation" in err["error"], err
