@@ -60,6 +60,40 @@ fn steward_of_dataset(node: &Node, headers: &HeaderMap, name: &str) -> Result<(P
     Ok((who, m))
 }
 
+/// A path segment; a malformed one (not UTF-8) is a JSON 400 like every other error.
+struct Segment(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Segment {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(s)| Segment(s))
+            .map_err(|e| Error::invalid(format!("bad path: {}", e.body_text()), "names are UTF-8 identifiers"))
+    }
+}
+
+/// A request body; over the endpoint's limit it is a JSON 413.
+struct Body(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = Error;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self> {
+        Bytes::from_request(req, state).await.map(Body).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::TooLarge {
+                    message: "request body is larger than this endpoint accepts".into(),
+                }
+            } else {
+                Error::invalid(
+                    format!("cannot read the request body: {}", e.body_text()),
+                    "send a JSON body",
+                )
+            }
+        })
+    }
+}
+
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes, hint: &'static str) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::invalid(format!("request body is not valid: {e}"), hint))
 }
@@ -96,7 +130,7 @@ async fn list_datasets(State(node): State<Arc<Node>>, headers: HeaderMap) -> Res
 async fn show_dataset(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    Segment(name): Segment,
 ) -> Result<Json<Value>> {
     let who = caller(&node, &headers)?;
     let m = node.snapshot().visible_dataset(&who, &name)?;
@@ -106,7 +140,7 @@ async fn show_dataset(
 async fn register_dataset(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>)> {
     let who = caller(&node, &headers)?;
     let value: Value = parse_json(&body, "send the manifest as a JSON object")?;
@@ -131,8 +165,8 @@ struct PermitBody {
 async fn add_permit(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Path(name): Path<String>,
-    body: Bytes,
+    Segment(name): Segment,
+    Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>)> {
     let (_, m) = steward_of_dataset(&node, &headers, &name)?;
     let b: PermitBody = parse_json(
@@ -194,8 +228,8 @@ pub(crate) async fn check_registry_owner(node: &Node, who: &Principal, registry:
 async fn consent_events(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Path(registry): Path<String>,
-    body: Bytes,
+    Segment(registry): Segment,
+    Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>)> {
     let who = caller(&node, &headers)?;
     check_registry_owner(&node, &who, &registry).await?;
@@ -261,8 +295,8 @@ fn star() -> String {
 async fn add_rule(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Path(name): Path<String>,
-    body: Bytes,
+    Segment(name): Segment,
+    Body(body): Body,
 ) -> Result<(StatusCode, Json<Value>)> {
     let (who, _) = steward_of_dataset(&node, &headers, &name)?;
     let b: RuleBody = parse_json(

@@ -27,6 +27,8 @@ pub enum StatusClass {
     Unavailable,
     /// A limit was hit.
     ResourceExhausted,
+    /// The request itself is larger than accepted.
+    TooLarge,
     /// Our fault; details are in the server log.
     Internal,
 }
@@ -41,7 +43,7 @@ impl StatusClass {
             StatusClass::NotFound => tonic::Code::NotFound,
             StatusClass::AlreadyExists => tonic::Code::AlreadyExists,
             StatusClass::Unavailable => tonic::Code::Unavailable,
-            StatusClass::ResourceExhausted => tonic::Code::ResourceExhausted,
+            StatusClass::ResourceExhausted | StatusClass::TooLarge => tonic::Code::ResourceExhausted,
             StatusClass::Internal => tonic::Code::Internal,
         }
     }
@@ -55,6 +57,7 @@ impl StatusClass {
             StatusClass::AlreadyExists => StatusCode::CONFLICT,
             StatusClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             StatusClass::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            StatusClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             StatusClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +109,9 @@ pub enum Error {
     /// logged, not sent.
     #[error("dataset `{name}` is unavailable right now; try again later or contact its steward")]
     SourceUnavailable { name: String },
+    /// A request body over the endpoint's limit.
+    #[error("{message}")]
+    TooLarge { message: String },
     /// A federated request cannot complete because peers did not answer.
     #[error("{message}")]
     PeerUnavailable { message: String },
@@ -163,6 +169,7 @@ impl Error {
             Error::Policy(p) => policy_status(p),
             Error::Connector(_) => StatusClass::InvalidArgument,
             Error::SourceUnavailable { .. } | Error::PeerUnavailable { .. } => StatusClass::Unavailable,
+            Error::TooLarge { .. } => StatusClass::TooLarge,
             Error::ResourceExhausted { .. } => StatusClass::ResourceExhausted,
             Error::SourceFailed => StatusClass::Unavailable,
             Error::DataFusion(e) => classify_datafusion(e),
@@ -204,6 +211,7 @@ impl Error {
             Error::RegistryNotFound { .. } => "post consent to a registry your organisation owns",
             Error::NoSuchEndpoint => "see the README for the REST API",
             Error::PolicyRefused { .. } => "fix the policy file at the line named; the previous policy stays in force",
+            Error::TooLarge { .. } => "send less per request (bulk consent loads: `passerelle consent import`)",
             Error::PeerUnavailable { .. } => {
                 "retry later, or pass \"on_partial\": \"skip\" to proceed without the nodes named"
             }

@@ -198,3 +198,20 @@ def test_permits_name_one_organisation(scratch_gateway: Gateway, org):
                 body={"org": org, "purpose": PURPOSE})
     err = assert_json_error(resp, 400)
     assert "organisation" in err["error"], err
+
+
+# ======================================================================================================================
+# Errors of the HTTP layer keep the contract's JSON body
+# ======================================================================================================================
+
+def test_a_path_that_is_not_utf8_is_a_json_400(gateway: Gateway):
+    resp = http("GET", gateway.url("/api/v1/datasets/%FF"), key=gateway.keys["steward-fr"])
+    err = assert_json_error(resp, 400)
+    assert "path" in err["error"], err
+
+
+def test_a_body_over_the_limit_is_a_json_413(gateway: Gateway):
+    body = b"[" + b" " * (3 * 1024 * 1024) + b"]"
+    resp = http("POST", gateway.url("/api/v1/datasets"), key=gateway.keys["steward-fr"], raw=body)
+    err = assert_json_error(resp, 413)
+    assert "larger" in err["error"], err
