@@ -153,9 +153,17 @@ impl SqlService {
         Self { node }
     }
 
-    /// Authenticates; an unauthenticated attempt is audited.
+    /// Authenticates; an unauthenticated attempt is audited. Peers' principals read federated
+    /// parts over plain Flight only: SQL here is for this node's own principals.
     async fn authenticated(&self, md: &MetadataMap, action: audit::Action) -> Result<Caller> {
         match caller(&self.node, md) {
+            Ok(c) if c.federated.is_some() => {
+                let e = Error::PermissionDenied {
+                    reason: "a peer node's principal reads its federated part over Flight, not SQL; query the federated dataset at your home node".into(),
+                };
+                record(&self.node, md, Some(&c), action, &Target::default(), Err(&e), true).await?;
+                Err(e)
+            }
             Ok(c) => Ok(c),
             Err(e) => {
                 record(&self.node, md, None, action, &Target::default(), Err(&e), true).await?;

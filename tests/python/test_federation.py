@@ -1071,3 +1071,17 @@ def test_federated_sql_fails_naming_a_refusing_node(fed: Federation, sql_parts):
         with pytest.raises(Exception) as info:
             sql(conn, f"SELECT count(*) FROM {FEDERATION}")
     assert "gw-it" in str(info.value), str(info.value)
+
+
+def test_a_peers_principal_gets_no_sql_at_a_peer(fed: Federation, sql_parts):
+    """With a valid assertion for gw-fr, trainer-de@gw-de may read its part over Flight, but not run SQL there."""
+    import adbc_driver_flightsql.dbapi as flight_sql
+    info = fed.request(on_partial="skip")
+    fr = info.nodes["gw-fr"]
+    conn = flight_sql.connect(fed.nodes["gw-fr"].advertise_url, db_kwargs={
+        "adbc.flight.sql.rpc.call_header.x-passerelle-assertion": fr["assertion"],
+        "adbc.flight.sql.rpc.call_header.x-passerelle-purpose": PURPOSE}, autocommit=True)
+    with conn:
+        with pytest.raises(Exception) as refused:
+            sql(conn, "SELECT count(*) FROM sql_fr")
+    assert "not SQL" in str(refused.value), str(refused.value)
