@@ -33,7 +33,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::catalog::{self, DataCommand};
 use crate::error::{Error, Result};
-use crate::federation::{ASSERTION_HEADER, Assertion, ClientTls, Peer, ask_peer};
+use crate::federation::{ASSERTION_HEADER, ClientTls, Peer, ask_peer};
 use crate::node::Node;
 
 /// A federated dataset as a table.
@@ -99,23 +99,10 @@ async fn gather(
             Err(e) => failures.push(format!("{}: {}", node.node_id(), e.public_message())),
         }
     }
-    let now = chrono::Utc::now().timestamp();
     let timeout = Duration::from_secs(node.federation.peer_timeout_secs.max(1));
     let body = serde_json::to_value(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
     let asks = node.peers.iter().map(|peer| {
-        let assertion = Assertion {
-            v: 1,
-            iss: node.node_id().to_string(),
-            aud: peer.node_id.clone(),
-            sub: principal.name.clone(),
-            org: principal.org.clone(),
-            member_state: principal.member_state.clone(),
-            purpose: purpose.to_string(),
-            iat: now,
-            exp: now + node.federation.assertion_ttl_secs.max(1) as i64,
-            jti: crate::auth::hex(&rand::random::<[u8; 12]>()),
-        }
-        .sign(&node.node_key);
+        let assertion = node.assert_for(peer, principal, purpose.as_str());
         let body = &body;
         async move {
             let answer = match &assertion {

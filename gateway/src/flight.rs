@@ -230,7 +230,7 @@ impl FlightHandler {
     /// local dataset (or comes from a peer: peers never fan out further).
     async fn federated_request(&self, md: &MetadataMap, desc: &FlightDescriptor) -> Result<Option<FlightInfo>> {
         use crate::catalog::OnPartial;
-        use crate::federation::{Assertion, NodeStatus, ask_peer};
+        use crate::federation::{NodeStatus, ask_peer};
         let Ok(cmd) = command_from_descriptor(desc) else {
             return Ok(None);
         };
@@ -301,24 +301,11 @@ impl FlightHandler {
             }
             nodes.push(status);
         }
-        let now = chrono::Utc::now().timestamp();
         let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
         let peer_cmd = serde_json::to_value(&part_cmd).map_err(|e| Error::Internal(e.to_string()))?;
         let purpose = caller.purpose.to_string();
         let asks = self.node.peers.iter().map(|peer| {
-            let assertion = Assertion {
-                v: 1,
-                iss: self.node.node_id().to_string(),
-                aud: peer.node_id.clone(),
-                sub: caller.principal.name.clone(),
-                org: caller.principal.org.clone(),
-                member_state: caller.principal.member_state.clone(),
-                purpose: purpose.clone(),
-                iat: now,
-                exp: now + self.node.federation.assertion_ttl_secs.max(1) as i64,
-                jti: crate::auth::hex(&rand::random::<[u8; 12]>()),
-            }
-            .sign(&self.node.node_key);
+            let assertion = self.node.assert_for(peer, &caller.principal, &purpose);
             let (peer_cmd, purpose, tls) = (&peer_cmd, &purpose, self.node.client_tls.as_ref());
             async move {
                 let answer = match &assertion {

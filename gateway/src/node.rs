@@ -597,6 +597,25 @@ impl Node {
         }
     }
 
+    /// An assertion for `peer` that this node vouches for `principal` (declaring `purpose`),
+    /// signed now with the node key and valid for `[federation] assertion_ttl_secs`.
+    pub fn assert_for(&self, peer: &crate::federation::Peer, principal: &Principal, purpose: &str) -> Result<String> {
+        let now = Utc::now().timestamp();
+        crate::federation::Assertion {
+            v: 1,
+            iss: self.node_id().to_string(),
+            aud: peer.node_id.clone(),
+            sub: principal.name.clone(),
+            org: principal.org.clone(),
+            member_state: principal.member_state.clone(),
+            purpose: purpose.to_string(),
+            iat: now,
+            exp: now + self.federation.assertion_ttl_secs.max(1) as i64,
+            jti: auth::hex(&rand::random::<[u8; 12]>()),
+        }
+        .sign(&self.node_key)
+    }
+
     /// This node's id (config `node_id`, default `passerelle-<key id>`).
     pub fn node_id(&self) -> &str {
         self.tickets.node_id()
