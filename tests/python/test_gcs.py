@@ -24,7 +24,6 @@ The emulator is `$FAKE_GCS_SERVER_BIN`, else the binary inside the installed `fa
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -37,11 +36,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PURPOSE, Gateway, assert_same_multiset, http, start_gateway, stop_process
+from conftest import PURPOSE, Gateway, http, start_gateway, stop_process
 from test_http_store import TRACE_RE
-from test_s3 import (STORAGE_REFUSAL, Local, _free_port, assert_equals_local, assert_not_registered, cli_register,
-                     manifest, manifest_toml, parquet_bytes, permit_and_wait, pull_dataset, refusal, register,
-                     register_ok, registered_names, subject_rows)
+from test_s3 import (STORAGE_REFUSAL, Local, _free_port, assert_equals_local, assert_not_registered, check_csv_visits,
+                     cli_register, manifest, manifest_toml, parquet_bytes, permit_and_wait, pull_dataset, refusal,
+                     register, register_ok, registered_names)
 from test_s3 import local  # noqa: F401 - test_s3's fixture (the local demo pull), here over this module's `lake`
 
 BUCKET = "lake"
@@ -253,28 +252,10 @@ def test_single_object_registered_with_the_cli(lake: GcsLake, local: Local, tmp_
 
 
 def test_csv_on_gcs(lake: GcsLake, local: Local):
-    bucket, name = "visits", "gcs_visits"
+    bucket = "visits"
     lake.gcs.create_bucket(bucket)
-    subjects = local.consented[:15] + local.not_consented[:10]
-    rows = [{"patient_id": int(s), "full_name": f"Name {s}", "visit": i, "lab": round(1.5 + i % 40 / 10, 1)}
-            for i, s in enumerate(subject_rows(subjects, (1, 2, 3)))]
-    for part, chunk in enumerate((rows[: len(rows) // 2], rows[len(rows) // 2:])):
-        text = io.StringIO()
-        text.write("patient_id,full_name,visit,lab\n")
-        for r in chunk:
-            text.write(f"{r['patient_id']},{r['full_name']},{r['visit']},{r['lab']}\n")
-        lake.gcs.put(bucket, f"2024/visits-{part}.csv", text.getvalue().encode())
-    register_ok(lake, manifest(lake, name, f"gs://{bucket}/2024/", fmt="csv", columns={
-        "patient_id": {"class": "identifier"}, "full_name": {"class": "direct-identifier"},
-        "visit": {"class": "non-personal"}, "lab": {"class": "sensitive"}}))
-    table = pull_dataset(lake, name)
-    assert table.schema.names == ["patient_id", "visit", "lab"], table.schema
-    ok = set(local.consented)
-    expected = [(local.pseudonym_of[str(r["patient_id"])], r["visit"], r["lab"]) for r in rows
-                if str(r["patient_id"]) in ok]
-    assert expected and len(expected) < len(rows)
-    assert_same_multiset(((r["patient_id"], r["visit"], r["lab"]) for r in table.to_pylist()), expected,
-                         "CSV rows (pseudonym as for the local demo, visit, lab)")
+    check_csv_visits(lake, local, "gcs_visits", f"gs://{bucket}/2024/",
+                     lambda path, data: lake.gcs.put(bucket, f"2024/{path}", data))
 
 
 def test_store_configured_by_options_only(lake: GcsLake):
