@@ -41,7 +41,119 @@ pub struct DataCommand {
     /// Federated requests: `fail` (default) when a node denies or is down, or `skip` it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_partial: Option<OnPartial>,
+    /// Summaries per group instead of rows (the only way an aggregates-only dataset leaves over
+    /// plain Flight, and how federated SQL pushes `GROUP BY` to each node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<AggregateSpec>,
 }
+
+/// `GROUP BY group_by` with `measures`, over the rows the gate and the filter let through.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSpec {
+    /// Columns to group by (none: one group of every row).
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Summaries, each a result column named like its SQL form: `count(*)`, `sum(hba1c)`.
+    pub measures: Vec<Measure>,
+}
+
+impl AggregateSpec {
+    /// The columns the aggregate reads, for the audit.
+    pub fn columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = self.group_by.clone();
+        for c in self.measures.iter().filter_map(|m| m.column.as_ref()) {
+            if !cols.contains(c) {
+                cols.push(c.clone());
+            }
+        }
+        cols
+    }
+
+    /// `GROUP BY a, b: count(*), sum(x)`, for the audit.
+    pub fn describe(&self) -> String {
+        let measures: Vec<String> = self.measures.iter().map(Measure::name).collect();
+        match self.group_by.is_empty() {
+            true => format!("aggregate: {}", measures.join(", ")),
+            false => format!("GROUP BY {}: {}", self.group_by.join(", "), measures.join(", ")),
+        }
+    }
+}
+
+/// One summary of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Measure {
+    /// The summary function.
+    pub func: MeasureFn,
+    /// Its column; none for `count` means every row (`count(*)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+}
+
+/// Summary functions whose per-node results combine exactly (`avg` as `sum` and `count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeasureFn {
+    /// Rows, or non-null values of the column.
+    Count,
+    /// Sum of the column.
+    Sum,
+    /// Mean of the column.
+    Avg,
+    /// Smallest value (refused by aggregates-only datasets: it is one person's value).
+    Min,
+    /// Largest value (refused by aggregates-only datasets).
+    Max,
+}
+
+impl MeasureFn {
+    /// The SQL name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Count => "count",
+            Self::Sum => "sum",
+            Self::Avg => "avg",
+            Self::Min => "min",
+            Self::Max => "max",
+        }
+    }
+}
+
+impl Measure {
+    /// The result column's name, as SQL would print it: `count(*)`, `sum(hba1c)`.
+    pub fn name(&self) -> String {
+        format!("{}({})", self.func.as_str(), self.column.as_deref().unwrap_or("*"))
+    }
+
+    /// The DataFusion expression, aliased to [`Measure::name`].
+    pub(crate) fn expr(&self) -> Result<datafusion::logical_expr::Expr> {
+        use datafusion::functions_aggregate::expr_fn::{avg, count, max, min, sum};
+        use datafusion::logical_expr::Expr;
+        let column = self
+            .column
+            .as_ref()
+            .map(|c| Expr::Column(datafusion::common::Column::from_name(c)));
+        let e = match (self.func, column) {
+            (MeasureFn::Count, None) => datafusion::functions_aggregate::count::count_all(),
+            (MeasureFn::Count, Some(c)) => count(c),
+            (MeasureFn::Sum, Some(c)) => sum(c),
+            (MeasureFn::Avg, Some(c)) => avg(c),
+            (MeasureFn::Min, Some(c)) => min(c),
+            (MeasureFn::Max, Some(c)) => max(c),
+            (f, None) => {
+                return Err(Error::invalid(
+                    format!("`{}` needs a column", f.as_str()),
+                    "send {\"func\": \"sum\", \"column\": \"name\"}",
+                ));
+            }
+        };
+        Ok(e.alias(self.name()))
+    }
+}
+
+/// Most group columns or measures an aggregate may name.
+const MAX_AGGREGATE_TERMS: usize = 64;
 
 /// One training rank of `world_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +183,8 @@ pub const MAX_PARTS: u32 = 64;
 const MAX_FILTER_BYTES: usize = 4096;
 /// Most columns a command may name.
 const MAX_COLUMNS: usize = 1024;
+
+const AGGREGATE_HINT: &str = "send \"aggregate\": {\"group_by\": [\"diagnosis\"], \"measures\": [{\"func\": \"count\"}, {\"func\": \"avg\", \"column\": \"hba1c\"}]}";
 
 const COMMAND_HINT: &str =
     "send {\"dataset\": \"name\", \"columns\": [..], \"filter\": \"sql expression\", \"limit\": n}";
@@ -109,6 +223,26 @@ impl DataCommand {
                 format!("more than {MAX_COLUMNS} columns requested"),
                 COMMAND_HINT,
             ));
+        }
+        if let Some(agg) = &cmd.aggregate {
+            if agg.measures.is_empty() || agg.measures.len() > MAX_AGGREGATE_TERMS {
+                return Err(Error::invalid(
+                    format!("`aggregate.measures` needs 1 to {MAX_AGGREGATE_TERMS} summaries"),
+                    AGGREGATE_HINT,
+                ));
+            }
+            if agg.group_by.len() > MAX_AGGREGATE_TERMS {
+                return Err(Error::invalid(
+                    format!("`aggregate.group_by` names more than {MAX_AGGREGATE_TERMS} columns"),
+                    AGGREGATE_HINT,
+                ));
+            }
+            if cmd.columns.is_some() || cmd.parts.is_some() || cmd.shard.is_some() {
+                return Err(Error::invalid(
+                    "`columns`, `parts` and `shard` do not apply to an aggregate: its result is the group columns and the measures, in one stream per node",
+                    AGGREGATE_HINT,
+                ));
+            }
         }
         Ok(cmd)
     }
@@ -231,6 +365,19 @@ pub async fn guard(node: &Node, principal: &Principal, purpose: &Purpose, datase
 /// `PermissionDenied` (purpose, role, direct identifier, aggregates-only dataset),
 /// `InvalidArgument` (unknown column, bad filter).
 pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &DataCommand) -> Result<PlannedQuery> {
+    plan_for(node, principal, purpose, cmd, false).await
+}
+
+/// [`plan`], or with `describe` only the schema's use (GetSchema): an aggregates-only dataset
+/// then plans as rows too, since its post-policy schema is no secret and federated SQL needs it
+/// to plan a `GROUP BY` over the node's part. The plan of such a describe is never executed.
+pub async fn plan_for(
+    node: &Node,
+    principal: &Principal,
+    purpose: &Purpose,
+    cmd: &DataCommand,
+    describe: bool,
+) -> Result<PlannedQuery> {
     let Guarded {
         table,
         policy,
@@ -239,10 +386,10 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
         consent_version,
         reason,
     } = guard(node, principal, purpose, &cmd.dataset).await?;
-    if policy.release == Release::Aggregates {
+    if policy.release == Release::Aggregates && cmd.aggregate.is_none() && !describe {
         return Err(Error::PermissionDenied {
             reason: format!(
-                "dataset `{}` is released as aggregates only; query it over Flight SQL with GROUP BY (groups under {} rows are suppressed)",
+                "dataset `{}` is released as aggregates only; query it over Flight SQL with GROUP BY, or send an `aggregate` in the command (groups under {} rows are suppressed)",
                 cmd.dataset, policy.min_group_size
             ),
         });
@@ -267,6 +414,15 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
             ));
         }
         cols.iter().try_for_each(|c| check_column(c))?;
+    }
+    if let Some(agg) = &cmd.aggregate {
+        for c in agg
+            .group_by
+            .iter()
+            .chain(agg.measures.iter().filter_map(|m| m.column.as_ref()))
+        {
+            check_column(c)?;
+        }
     }
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
@@ -309,9 +465,13 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
             )
         })?;
     }
-    // The floor counts what this stream releases: after the caller's filter, before the
-    // column selection (quasi-identifiers count even when not requested).
-    df = passerelle_policies::enforce::k_floor(df, &policy)?;
+    if let Some(agg) = &cmd.aggregate {
+        df = aggregate(ctx.state(), df, agg)?;
+    } else {
+        // The floor counts what this stream releases: after the caller's filter, before the
+        // column selection (quasi-identifiers count even when not requested).
+        df = passerelle_policies::enforce::k_floor(df, &policy)?;
+    }
     if let Some(cols) = &cmd.columns {
         let names: Vec<&str> = cols.iter().map(String::as_str).collect();
         df = df.select_columns(&names)?;
@@ -329,6 +489,34 @@ pub async fn plan(node: &Node, principal: &Principal, purpose: &Purpose, cmd: &D
     })
 }
 
+/// Groups `df` as `agg` asks, under the same release rules as SQL: an aggregates-only dataset
+/// gets its group floor (and refuses `min`/`max`), a k-anonymity floor counts the scan.
+fn aggregate(state: datafusion::execution::SessionState, df: DataFrame, agg: &AggregateSpec) -> Result<DataFrame> {
+    let groups = agg
+        .group_by
+        .iter()
+        .map(|c| datafusion::logical_expr::Expr::Column(datafusion::common::Column::from_name(c)))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let measures = agg
+        .measures
+        .iter()
+        .filter(|m| seen.insert(m.name()))
+        .map(Measure::expr)
+        .collect::<Result<Vec<_>>>()?;
+    let plan = df
+        .aggregate(groups, measures)
+        .map_err(|e| {
+            Error::invalid(
+                format!("aggregate is not valid here: {}", e.strip_backtrace()),
+                AGGREGATE_HINT,
+            )
+        })?
+        .into_unoptimized_plan();
+    let plan = passerelle_policies::enforce::k_floor_scans(passerelle_policies::enforce::enforce_release(plan)?)?;
+    Ok(DataFrame::new(state, plan))
+}
+
 /// Datasets the caller may see and use for the purpose, by name, decided without opening their
 /// sources (a broken source is reported when the dataset is asked for).
 pub fn allowed_datasets(node: &Node, principal: &Principal, purpose: &Purpose) -> Vec<String> {
@@ -344,4 +532,35 @@ pub fn allowed_datasets(node: &Node, principal: &Principal, purpose: &Purpose) -
         })
         .cloned()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_commands_parse_and_are_checked() {
+        let cmd = DataCommand::from_json(
+            br#"{"dataset": "d", "filter": "x > 1", "aggregate": {"group_by": ["g"],
+                "measures": [{"func": "count"}, {"func": "avg", "column": "x"}]}}"#,
+        )
+        .unwrap();
+        let agg = cmd.aggregate.unwrap();
+        assert_eq!(agg.columns(), vec!["g", "x"]);
+        assert_eq!(agg.describe(), "GROUP BY g: count(*), avg(x)");
+        for bad in [
+            r#"{"dataset": "d", "aggregate": {"measures": []}}"#,
+            r#"{"dataset": "d", "columns": ["x"], "aggregate": {"measures": [{"func": "count"}]}}"#,
+            r#"{"dataset": "d", "parts": 2, "aggregate": {"measures": [{"func": "count"}]}}"#,
+            r#"{"dataset": "d", "aggregate": {"measures": [{"func": "median", "column": "x"}]}}"#,
+            r#"{"dataset": "d", "aggregate": {"measures": [{"func": "count", "col": "x"}]}}"#,
+        ] {
+            assert!(DataCommand::from_json(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let needs_column = Measure {
+            func: MeasureFn::Sum,
+            column: None,
+        };
+        assert!(needs_column.expr().is_err());
+    }
 }

@@ -4,14 +4,20 @@
 //! pushed to every node, so each sends only the columns used and the rows that pass the
 //! filter; joins, aggregates and sorts then run here on governed rows only.
 //!
-//! Peers serve no raw rows of an aggregates-only part: such a node refuses, and the query fails
-//! naming it (aggregate push-down to peers is not done yet).
+//! An `Aggregate` directly over a federated table (through filters, plain projections and
+//! aliases) with `count`, `sum`, `avg`, `min` and `max` is pushed down instead
+//! ([`push_aggregates`]): every node groups its own governed rows (applying its own group floor
+//! when it releases aggregates only) and sends one row per group; the home node combines the
+//! partial results (sums of counts and sums, `avg` as sum over count, min of mins). So an
+//! aggregates-only part answers a federated `GROUP BY` and no row of it leaves its node, while
+//! a raw scan of it is refused, naming the node. A group below a node's floor is missing from
+//! that node's partials only: totals then count the groups each node may release.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions, new_null_array};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow_flight::Ticket;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::error::FlightError;
@@ -20,9 +26,13 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, DataFusionError};
 use datafusion::datasource::TableType;
+use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::Result as DfResult;
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::functions_aggregate::expr_fn::{max, min, sum};
+use datafusion::logical_expr::{
+    Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, cast, lit, when,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
@@ -31,13 +41,13 @@ use futures::{StreamExt, TryStreamExt};
 use passerelle_policies::{Principal, Purpose};
 use tonic::metadata::MetadataValue;
 
-use crate::catalog::{self, DataCommand};
+use crate::catalog::{self, AggregateSpec, DataCommand, Measure, MeasureFn};
 use crate::error::{Error, Result};
-use crate::federation::{ASSERTION_HEADER, ClientTls, Peer, ask_peer};
+use crate::federation::{ASSERTION_HEADER, ClientTls, Peer, ask_peer, peer_schema};
 use crate::node::Node;
 
 /// A federated dataset as a table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FederatedTable {
     node: Arc<Node>,
     principal: Principal,
@@ -66,71 +76,83 @@ fn external(e: Error) -> DataFusionError {
     DataFusionError::External(Box::new(e))
 }
 
-/// Every node's part of `name` for this principal, with `columns` and `filter`: the merged
-/// (nullable) schema and the sources. Any node that refuses or does not answer fails the scan,
-/// naming it; nodes without a part are left out.
+/// What `gather` asks each node for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// The post-policy schema only (GetSchema; aggregates-only parts answer it too).
+    Schema,
+    /// Rows, or groups when the command carries an aggregate.
+    Data,
+}
+
+/// Every node's part of `cmd.dataset` for this principal: the merged (nullable) schema and, for
+/// `Ask::Data`, the sources. Any node that refuses or does not answer fails the scan, naming it;
+/// nodes without a part are left out.
 async fn gather(
     node: &Arc<Node>,
     principal: &Principal,
     purpose: &Purpose,
-    name: &str,
-    columns: Option<Vec<String>>,
-    filter: Option<String>,
+    cmd: DataCommand,
+    ask: Ask,
 ) -> Result<(SchemaRef, Vec<Source>)> {
-    let cmd = DataCommand {
-        dataset: name.to_string(),
-        columns,
-        filter,
-        ..Default::default()
-    };
+    let name = cmd.dataset.clone();
     let mut schemas = Vec::new();
     let mut sources = Vec::new();
     let mut failures = Vec::new();
-    if let Some(local) = node.snapshot().federated_dataset(name).filter(|l| l != name) {
+    if let Some(local) = node.snapshot().federated_dataset(&name).filter(|l| *l != name) {
         let local_cmd = DataCommand {
             dataset: local,
             ..cmd.clone()
         };
-        match catalog::plan(node, principal, purpose, &local_cmd).await {
+        match catalog::plan_for(node, principal, purpose, &local_cmd, ask == Ask::Schema).await {
             Ok(planned) => {
                 schemas.push(planned.schema.as_ref().clone());
-                sources.push(Source::Local(planned.df));
+                if ask == Ask::Data {
+                    sources.push(Source::Local(planned.df));
+                }
             }
             Err(e) => failures.push(format!("{}: {}", node.node_id(), e.public_message())),
         }
     }
     let timeout = Duration::from_secs(node.federation.peer_timeout_secs.max(1));
     let body = serde_json::to_value(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
+    let tls = node.client_tls.as_ref();
     let asks = node.peers.iter().map(|peer| {
         let assertion = node.assert_for(peer, principal, purpose.as_str());
         let body = &body;
         async move {
-            let answer = match &assertion {
-                Ok(a) => ask_peer(peer, node.client_tls.as_ref(), timeout, body, purpose.as_str(), a).await,
-                Err(e) => Err(("unavailable".to_string(), e.to_string())),
+            let answer = match (&assertion, ask) {
+                (Err(e), _) => Err(("unavailable".to_string(), e.to_string())),
+                (Ok(a), Ask::Schema) => peer_schema(peer, tls, timeout, body, purpose.as_str(), a)
+                    .await
+                    .map(|s| (s, Vec::new())),
+                (Ok(a), Ask::Data) => match ask_peer(peer, tls, timeout, body, purpose.as_str(), a).await {
+                    Ok(info) => match info.clone().try_decode_schema() {
+                        Ok(schema) => Ok((schema, info.endpoint)),
+                        Err(e) => Err(("unavailable".to_string(), format!("unreadable answer: {e}"))),
+                    },
+                    Err(e) => Err(e),
+                },
             };
             (peer, assertion, answer)
         }
     });
     for (peer, assertion, answer) in futures::future::join_all(asks).await {
         match (answer, assertion) {
-            (Ok(info), Ok(assertion)) => match info.clone().try_decode_schema() {
-                Ok(schema) => {
-                    schemas.push(schema);
-                    for ep in info.endpoint {
-                        let Some(ticket) = ep.ticket else { continue };
-                        sources.push(Source::Remote {
-                            peer: peer.clone(),
-                            tls: node.client_tls.clone(),
-                            assertion: assertion.clone(),
-                            purpose: purpose.to_string(),
-                            ticket,
-                            timeout,
-                        });
-                    }
+            (Ok((schema, endpoints)), Ok(assertion)) => {
+                schemas.push(schema);
+                for ep in endpoints {
+                    let Some(ticket) = ep.ticket else { continue };
+                    sources.push(Source::Remote {
+                        peer: peer.clone(),
+                        tls: node.client_tls.clone(),
+                        assertion: assertion.clone(),
+                        purpose: purpose.to_string(),
+                        ticket,
+                        timeout,
+                    });
                 }
-                Err(e) => failures.push(format!("{}: unreadable answer: {e}", peer.node_id)),
-            },
+            }
             (Err((kind, _)), _) if kind == "absent" => {}
             (Err((kind, reason)), _) => failures.push(format!("{} {kind}: {reason}", peer.node_id)),
             (_, Err(e)) => failures.push(format!("{}: {e}", peer.node_id)),
@@ -145,7 +167,7 @@ async fn gather(
         });
     }
     if schemas.is_empty() {
-        return Err(Error::DatasetNotFound { name: name.to_string() });
+        return Err(Error::DatasetNotFound { name });
     }
     let merged = Schema::try_merge(schemas).map_err(|e| {
         Error::invalid(
@@ -153,19 +175,27 @@ async fn gather(
             "ask the stewards to align the column types of their parts",
         )
     })?;
-    // A column one node withholds is null in that node's rows.
-    let fields: Vec<Field> = merged
+    Ok((nullable(&merged), sources))
+}
+
+/// A column one node withholds (or a group a node lacks) is null in that node's rows.
+fn nullable(schema: &Schema) -> SchemaRef {
+    let fields: Vec<Field> = schema
         .fields()
         .iter()
         .map(|f| f.as_ref().clone().with_nullable(true))
         .collect();
-    Ok((Arc::new(Schema::new(fields)), sources))
+    Arc::new(Schema::new(fields))
 }
 
 impl FederatedTable {
     /// The table if `name` is a federated dataset some node answers for.
     pub async fn open(node: &Arc<Node>, principal: &Principal, purpose: &Purpose, name: &str) -> Result<Self> {
-        let (schema, _) = gather(node, principal, purpose, name, None, None).await?;
+        let cmd = DataCommand {
+            dataset: name.to_string(),
+            ..Default::default()
+        };
+        let (schema, _) = gather(node, principal, purpose, cmd, Ask::Schema).await?;
         Ok(Self {
             node: Arc::clone(node),
             principal: principal.clone(),
@@ -221,33 +251,43 @@ impl TableProvider for FederatedTable {
         let columns = projection
             .filter(|p| !p.is_empty())
             .map(|p| p.iter().map(|&i| self.schema.field(i).name().clone()).collect());
-        let (_, sources) = gather(
-            &self.node,
-            &self.principal,
-            &self.purpose,
-            &self.name,
+        let cmd = DataCommand {
+            dataset: self.name.clone(),
             columns,
-            filter_sql(filters),
-        )
-        .await
-        .map_err(external)?;
-        let partitions: Vec<Arc<dyn PartitionStream>> = sources
-            .into_iter()
-            .map(|source| {
-                Arc::new(PartStream {
-                    schema: Arc::clone(&target),
-                    source,
-                }) as Arc<dyn PartitionStream>
-            })
-            .collect();
-        let exec = StreamingTableExec::try_new(target, partitions, None, Vec::new(), false, limit)?;
-        Ok(Arc::new(exec))
+            filter: filter_sql(filters),
+            ..Default::default()
+        };
+        let (_, sources) = gather(&self.node, &self.principal, &self.purpose, cmd, Ask::Data)
+            .await
+            .map_err(external)?;
+        streaming(target, sources, limit)
     }
 }
 
-/// Accepts `FederatedTable` scans in governed plans (see `sql::check_guarded`).
+/// One partition per source, each adapted to `target`.
+fn streaming(target: SchemaRef, sources: Vec<Source>, limit: Option<usize>) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let partitions: Vec<Arc<dyn PartitionStream>> = sources
+        .into_iter()
+        .map(|source| {
+            Arc::new(PartStream {
+                schema: Arc::clone(&target),
+                source,
+            }) as Arc<dyn PartitionStream>
+        })
+        .collect();
+    Ok(Arc::new(StreamingTableExec::try_new(
+        target,
+        partitions,
+        None,
+        Vec::new(),
+        false,
+        limit,
+    )?))
+}
+
+/// Accepts federated scans in governed plans (see `sql::check_guarded`).
 pub fn is_federated(provider: &dyn TableProvider) -> bool {
-    provider.downcast_ref::<FederatedTable>().is_some()
+    provider.downcast_ref::<FederatedTable>().is_some() || provider.downcast_ref::<FederatedAggregate>().is_some()
 }
 
 /// One source, adapted to the scan's schema.
@@ -339,4 +379,266 @@ fn adapt(batch: &RecordBatch, target: &SchemaRef) -> DfResult<RecordBatch> {
         columns,
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )?)
+}
+
+/// The partial results of a pushed-down aggregate: every node's groups, as the nodes computed
+/// them (group columns, then one column per [`Measure`], named like it).
+#[derive(Debug)]
+pub struct FederatedAggregate {
+    node: Arc<Node>,
+    principal: Principal,
+    purpose: Purpose,
+    name: String,
+    filter: Option<String>,
+    spec: AggregateSpec,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for FederatedAggregate {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let target = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => Arc::clone(&self.schema),
+        };
+        let cmd = DataCommand {
+            dataset: self.name.clone(),
+            filter: self.filter.clone(),
+            aggregate: Some(self.spec.clone()),
+            ..Default::default()
+        };
+        let (_, sources) = gather(&self.node, &self.principal, &self.purpose, cmd, Ask::Data)
+            .await
+            .map_err(external)?;
+        streaming(target, sources, limit)
+    }
+}
+
+/// How the home node combines one aggregate of the statement from the nodes' partials.
+enum Combine {
+    /// `count`: the sum of the counts, 0 when no node has the group.
+    Count(String),
+    /// `sum`, `min`, `max`: the same function over the partials.
+    Same(MeasureFn, String),
+    /// `avg`: the sum of the sums over the sum of the counts.
+    Avg { sum: String, count: String },
+}
+
+/// Pushes every pushable `Aggregate` over a federated table down to the nodes (see the module
+/// documentation). Aggregates it cannot push stay as they are, over a raw scan.
+pub fn push_aggregates(plan: LogicalPlan) -> DfResult<LogicalPlan> {
+    Ok(plan
+        .transform_up_with_subqueries(|node| {
+            let LogicalPlan::Aggregate(agg) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            match pushed(agg)? {
+                Some(p) => Ok(Transformed::yes(p)),
+                None => Ok(Transformed::no(node)),
+            }
+        })?
+        .data)
+}
+
+/// The federated table below `input` through filters, plain projections and aliases, with the
+/// filters met on the way; `None` for anything else.
+fn federated_below(input: &LogicalPlan) -> Option<(Arc<FederatedTable>, Vec<Expr>)> {
+    let mut filters = Vec::new();
+    let mut plan = input;
+    loop {
+        match plan {
+            LogicalPlan::Filter(f) => {
+                filters.push(f.predicate.clone());
+                plan = &f.input;
+            }
+            LogicalPlan::SubqueryAlias(a) => plan = &a.input,
+            LogicalPlan::Projection(p) if p.expr.iter().all(|e| matches!(e, Expr::Column(_))) => plan = &p.input,
+            LogicalPlan::TableScan(scan) => {
+                let provider = source_as_provider(&scan.source).ok()?;
+                let table = provider.downcast_ref::<FederatedTable>()?;
+                filters.extend(scan.filters.iter().cloned());
+                return Some((Arc::new(table.clone()), filters));
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The measure an aggregate expression asks for, if the nodes can compute and the home node
+/// combine it exactly.
+fn measure_of(e: &Expr) -> Option<(MeasureFn, Option<String>)> {
+    let mut inner = e;
+    while let Expr::Alias(a) = inner {
+        inner = &a.expr;
+    }
+    let Expr::AggregateFunction(f) = inner else {
+        return None;
+    };
+    let p = &f.params;
+    if p.distinct || p.filter.is_some() || !p.order_by.is_empty() || p.args.len() != 1 {
+        return None;
+    }
+    let func = match f.func.name().to_ascii_lowercase().as_str() {
+        "count" => MeasureFn::Count,
+        "sum" => MeasureFn::Sum,
+        "avg" | "mean" => MeasureFn::Avg,
+        "min" => MeasureFn::Min,
+        "max" => MeasureFn::Max,
+        _ => return None,
+    };
+    match (&p.args[0], func) {
+        (Expr::Column(c), _) => Some((func, Some(c.name.clone()))),
+        // count(*) is count of a non-null literal.
+        (Expr::Literal(v, _), MeasureFn::Count) if !v.is_null() => Some((func, None)),
+        _ => None,
+    }
+}
+
+/// `agg` computed by the nodes and combined here, with `agg`'s exact output schema; `None`
+/// when it cannot be pushed.
+fn pushed(agg: &Aggregate) -> DfResult<Option<LogicalPlan>> {
+    let Some((table, filters)) = federated_below(&agg.input) else {
+        return Ok(None);
+    };
+    if filters.iter().any(has_subquery) {
+        return Ok(None);
+    }
+    let filter = match filters.is_empty() {
+        true => None,
+        false => match filter_sql(&filters) {
+            Some(f) => Some(f),
+            None => return Ok(None),
+        },
+    };
+    let mut group_by = Vec::new();
+    for g in &agg.group_expr {
+        let Expr::Column(c) = g else { return Ok(None) };
+        group_by.push(c.name.clone());
+    }
+    let mut measures: Vec<Measure> = Vec::new();
+    let mut add = |func, column: Option<String>| {
+        let m = Measure { func, column };
+        let name = m.name();
+        if !measures.contains(&m) {
+            measures.push(m);
+        }
+        name
+    };
+    let mut combines = Vec::new();
+    for (i, e) in agg.aggr_expr.iter().enumerate() {
+        let Some((func, column)) = measure_of(e) else {
+            return Ok(None);
+        };
+        let out_type = agg.schema.field(agg.group_expr.len() + i).data_type();
+        combines.push(match func {
+            MeasureFn::Count => Combine::Count(add(MeasureFn::Count, column)),
+            MeasureFn::Avg if *out_type == DataType::Float64 => Combine::Avg {
+                sum: add(MeasureFn::Sum, column.clone()),
+                count: add(MeasureFn::Count, column),
+            },
+            MeasureFn::Avg => return Ok(None),
+            f => Combine::Same(f, add(f, column)),
+        });
+    }
+    let spec = AggregateSpec { group_by, measures };
+    // The partials' types, as the nodes' own planners will produce them.
+    let exprs = spec
+        .measures
+        .iter()
+        .map(Measure::expr)
+        .collect::<Result<Vec<_>>>()
+        .map_err(external)?;
+    let groups: Vec<Expr> = spec
+        .group_by
+        .iter()
+        .map(|g| Expr::Column(Column::from_name(g)))
+        .collect();
+    let typed = datafusion::logical_expr::table_scan(Some("t"), &table.schema, None)?
+        .aggregate(groups.clone(), exprs)?
+        .build()?;
+    let partial_schema = nullable(typed.schema().as_arrow());
+    let provider = Arc::new(FederatedAggregate {
+        node: Arc::clone(&table.node),
+        principal: table.principal.clone(),
+        purpose: table.purpose.clone(),
+        name: table.name.clone(),
+        filter,
+        spec,
+        schema: partial_schema,
+    });
+    // Combine per group: sums of the partial counts and sums, min of mins, max of maxes.
+    let partial = |name: &str| Expr::Column(Column::from_name(name));
+    let mut finals = Vec::new();
+    let mut combined = Vec::new();
+    for (i, c) in combines.iter().enumerate() {
+        let p = |n: usize| format!("__passerelle_partial_{i}_{n}");
+        match c {
+            Combine::Count(m) => {
+                finals.push(sum(partial(m)).alias(p(0)));
+                combined.push(when(partial(&p(0)).is_null(), lit(0i64)).otherwise(partial(&p(0)))?);
+            }
+            Combine::Same(f, m) => {
+                let e = match f {
+                    MeasureFn::Min => min(partial(m)),
+                    MeasureFn::Max => max(partial(m)),
+                    _ => sum(partial(m)),
+                };
+                finals.push(e.alias(p(0)));
+                combined.push(partial(&p(0)));
+            }
+            Combine::Avg { sum: s, count: n } => {
+                finals.push(sum(partial(s)).alias(p(0)));
+                finals.push(sum(partial(n)).alias(p(1)));
+                let ratio = cast(partial(&p(0)), DataType::Float64) / cast(partial(&p(1)), DataType::Float64);
+                let none = lit(datafusion::common::ScalarValue::Float64(None));
+                combined.push(when(partial(&p(1)).is_null().or(partial(&p(1)).eq(lit(0i64))), none).otherwise(ratio)?);
+            }
+        }
+    }
+    let regrouped = LogicalPlanBuilder::scan(table.name.as_str(), provider_as_source(provider), None)?
+        .aggregate(groups.clone(), finals)?
+        .build()?;
+    // The statement's own names and types, so that the plan above reads the same columns.
+    let outputs = groups.into_iter().chain(combined);
+    let mut projected = Vec::new();
+    for (i, e) in outputs.enumerate() {
+        let (qualifier, field) = agg.schema.qualified_field(i);
+        projected.push(cast(e, field.data_type().clone()).alias_qualified(qualifier.cloned(), field.name()));
+    }
+    let plan = LogicalPlanBuilder::from(regrouped).project(projected)?.build()?;
+    let same = plan.schema().fields().len() == agg.schema.fields().len()
+        && plan
+            .schema()
+            .iter()
+            .zip(agg.schema.iter())
+            .all(|((q1, f1), (q2, f2))| q1 == q2 && f1.name() == f2.name() && f1.data_type() == f2.data_type());
+    if !same {
+        tracing::debug!("federated aggregate not pushed: the combined schema differs");
+        return Ok(None);
+    }
+    Ok(Some(plan))
+}
+
+fn has_subquery(e: &Expr) -> bool {
+    e.exists(|e| {
+        Ok(matches!(
+            e,
+            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_)
+        ))
+    })
+    .unwrap_or(true)
 }

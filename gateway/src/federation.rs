@@ -347,8 +347,40 @@ pub async fn ask_peer(
     purpose: &str,
     assertion: &str,
 ) -> std::result::Result<FlightInfo, (String, String)> {
-    let unavailable = |why: String| ("unavailable".to_string(), why);
     let mut client = connect(peer, tls, timeout).await.map_err(unavailable)?;
+    let req = peer_request(command, purpose, assertion)?;
+    client
+        .get_flight_info(req)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(peer_refusal)
+}
+
+/// The post-policy schema of `peer`'s part (GetSchema): what a federated SQL table needs to plan,
+/// without asking for rows (an aggregates-only part describes itself but releases no rows).
+pub async fn peer_schema(
+    peer: &Peer,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+    command: &serde_json::Value,
+    purpose: &str,
+    assertion: &str,
+) -> std::result::Result<arrow::datatypes::Schema, (String, String)> {
+    let mut client = connect(peer, tls, timeout).await.map_err(unavailable)?;
+    let req = peer_request(command, purpose, assertion)?;
+    let result = client.get_schema(req).await.map_err(peer_refusal)?.into_inner();
+    arrow::datatypes::Schema::try_from(&result).map_err(|e| unavailable(format!("unreadable schema: {e}")))
+}
+
+fn unavailable(why: String) -> (String, String) {
+    ("unavailable".to_string(), why)
+}
+
+fn peer_request(
+    command: &serde_json::Value,
+    purpose: &str,
+    assertion: &str,
+) -> std::result::Result<tonic::Request<FlightDescriptor>, (String, String)> {
     let mut req = tonic::Request::new(FlightDescriptor::new_cmd(command.to_string()));
     let md = req.metadata_mut();
     md.insert(
@@ -359,19 +391,19 @@ pub async fn ask_peer(
         ASSERTION_HEADER,
         MetadataValue::try_from(assertion).map_err(|_| unavailable("bad assertion".into()))?,
     );
-    match client.get_flight_info(req).await {
-        Ok(r) => Ok(r.into_inner()),
-        Err(s) => {
-            let status = match s.code() {
-                // The peer holds no part of this federated dataset (or will not say it does).
-                tonic::Code::NotFound => "absent",
-                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => "denied",
-                tonic::Code::InvalidArgument => "refused",
-                _ => "unavailable",
-            };
-            Err((status.to_string(), s.message().to_string()))
-        }
-    }
+    Ok(req)
+}
+
+/// A peer's refusal as (status, reason) for `app_metadata` and error messages.
+fn peer_refusal(s: tonic::Status) -> (String, String) {
+    let status = match s.code() {
+        // The peer holds no part of this federated dataset (or will not say it does).
+        tonic::Code::NotFound => "absent",
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => "denied",
+        tonic::Code::InvalidArgument => "refused",
+        _ => "unavailable",
+    };
+    (status.to_string(), s.message().to_string())
 }
 
 /// DoAction type that re-issues a part's ticket skipping the batches a reader already has.

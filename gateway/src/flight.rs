@@ -27,7 +27,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::{self, AuditEntry, AuditLog, Completion};
-use crate::catalog::{self, DataCommand, PlannedQuery};
+use crate::catalog::{self, AggregateSpec, DataCommand, PlannedQuery};
 use crate::error::{Error, Result};
 use crate::flight_sql::{SqlService, is_sql_command};
 use crate::node::Node;
@@ -216,10 +216,13 @@ impl FlightHandler {
         outcome: std::result::Result<&str, &Error>,
         final_entry: bool,
     ) -> Result<i64> {
+        let aggregate = cmd.and_then(|c| c.aggregate.as_ref());
+        let statement = aggregate.map(AggregateSpec::describe);
         let target = Target {
             dataset: cmd.map(|c| c.dataset.clone()).unwrap_or_default(),
-            columns: cmd.and_then(|c| c.columns.clone()),
+            columns: aggregate.map_or_else(|| cmd.and_then(|c| c.columns.clone()), |a| Some(a.columns())),
             filter: cmd.and_then(|c| c.filter.clone()),
+            statement: statement.as_deref(),
             ..Default::default()
         };
         record(&self.node, md, caller, action, &target, outcome, final_entry).await
@@ -252,7 +255,8 @@ impl FlightHandler {
         };
         let rank = cmd.shard.map(|s| s.rank as usize);
         let part_cmd = DataCommand {
-            parts: Some(cmd.shard.map_or(1, |s| s.world_size)),
+            // An aggregate is one small stream per node.
+            parts: cmd.aggregate.is_none().then(|| cmd.shard.map_or(1, |s| s.world_size)),
             shard: None,
             on_partial: None,
             ..cmd.clone()
@@ -289,7 +293,13 @@ impl FlightHandler {
             match catalog::plan(&self.node, &caller.principal, &caller.purpose, &local_cmd).await {
                 Ok(planned) => {
                     let info = self.flight_info(&caller, &local_cmd, &planned, desc.clone(), true)?;
-                    let mine = pick(info.endpoint);
+                    // Every endpoint of a federated answer names its node (an aggregate has no parts).
+                    let here = self.node.advertise_url.get().map_or("", String::as_str);
+                    let located = info.endpoint.into_iter().map(|ep| match ep.location.is_empty() {
+                        true => ep.with_location(here),
+                        false => ep,
+                    });
+                    let mine = pick(located.collect());
                     status.endpoints = mine.len();
                     endpoints.extend(mine);
                     schemas.push(planned.schema.as_ref().clone());
@@ -532,7 +542,8 @@ impl FlightHandler {
                 return Err(e);
             }
         };
-        let planned = catalog::plan(&self.node, &caller.principal, &caller.purpose, &cmd)
+        let describe = action == audit::Action::GetSchema;
+        let planned = catalog::plan_for(&self.node, &caller.principal, &caller.purpose, &cmd, describe)
             .await
             .map_err(|e| match e {
                 // A peer's principal already knows the federation, and that this node holds a
@@ -601,6 +612,7 @@ impl FlightHandler {
                     sql: None,
                     part: cmd.parts.map(|n| (k, n)),
                     skip: 0,
+                    aggregate: cmd.aggregate.clone(),
                     ..self.node.claims_for(&caller.principal)
                 })
             })
@@ -928,6 +940,7 @@ impl FlightService for FlightHandler {
             filter: claims.filter.clone(),
             limit: claims.limit,
             parts: claims.part.map(|(_, n)| n),
+            aggregate: claims.aggregate.clone(),
             ..Default::default()
         };
         let mismatch = if claims.principal != caller.principal.name {

@@ -594,6 +594,7 @@ impl Node {
             sql: None,
             part: None,
             skip: 0,
+            aggregate: None,
         }
     }
 

@@ -390,6 +390,7 @@ pub async fn plan_sql(
         None => plan,
     };
     check_guarded(&plan)?;
+    let plan = crate::federated_sql::push_aggregates(plan)?;
     let plan = k_floor_scans(enforce_release(plan)?)?;
     let df = DataFrame::new(state, plan);
     let schema = Arc::new(df.schema().as_arrow().clone());

@@ -69,6 +69,9 @@ pub struct TicketClaims {
     /// Batches of the part already consumed: a resumed reader continues after them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skip: u64,
+    /// Summaries per group instead of rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<crate::catalog::AggregateSpec>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -170,6 +173,7 @@ mod tests {
             sql: None,
             part: None,
             skip: 0,
+            aggregate: None,
         }
     }
 

@@ -52,6 +52,7 @@ fn claims(principal: String, filter: Option<String>, columns: Option<Vec<String>
         sql: None,
         part: None,
         skip: 0,
+        aggregate: None,
     }
 }
 

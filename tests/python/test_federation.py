@@ -325,7 +325,7 @@ class Federation:
         """GetFlightInfo at the home node, with the answer's shape checked (see `parse`)."""
         return self.parse(self.get_info(descriptor, **command))
 
-    def parse(self, info: flight.FlightInfo) -> Federated:
+    def parse(self, info: flight.FlightInfo, federation: str = FEDERATION) -> Federated:
         """app_metadata has an entry per node (at most one, for known nodes only; that every node is listed is
         asserted by the tests on statuses, so that a missing entry fails those, not every test) with its member state
         and status; every endpoint is located at exactly one node's advertised URL; each node's `endpoints` count is
@@ -334,7 +334,7 @@ class Federation:
             meta = json.loads(info.app_metadata)
         except (TypeError, ValueError) as err:
             raise AssertionError(f"app_metadata is not JSON ({err}): {info.app_metadata[:500]!r}") from None
-        assert isinstance(meta, dict) and meta.get("federation") == FEDERATION, meta
+        assert isinstance(meta, dict) and meta.get("federation") == federation, meta
         entries = meta.get("nodes")
         assert isinstance(entries, list), meta
         nodes = {e.get("node"): e for e in entries}
@@ -1005,11 +1005,19 @@ SQL_FEDERATION = "eu_sql"
 
 
 def adbc_home(fed: Federation):
-    """ADBC (Flight SQL) to the home node as trainer-de, with its bearer key (plain gRPC only)."""
+    """ADBC (Flight SQL) to the home node as trainer-de: its bearer key (plain gRPC) or its client certificate (mTLS,
+    trusting the CA bundle)."""
     import adbc_driver_flightsql.dbapi as flight_sql
-    return flight_sql.connect(fed.home.advertise_url, db_kwargs={
-        "adbc.flight.sql.authorization_header": f"Bearer {fed.home.key(TRAINER)}",
-        "adbc.flight.sql.rpc.call_header.x-passerelle-purpose": PURPOSE}, autocommit=True)
+    kwargs = {"adbc.flight.sql.rpc.call_header.x-passerelle-purpose": PURPOSE}
+    if fed.tls:
+        assert fed.pki is not None
+        cert, key = fed.pki.identity(TRAINER)
+        kwargs.update({"adbc.flight.sql.client_option.tls_root_certs": fed.pki.bundle.read_text(),
+                       "adbc.flight.sql.client_option.mtls_cert_chain": cert.decode(),
+                       "adbc.flight.sql.client_option.mtls_private_key": key.decode()})
+    else:
+        kwargs["adbc.flight.sql.authorization_header"] = f"Bearer {fed.home.key(TRAINER)}"
+    return flight_sql.connect(fed.home.advertise_url, db_kwargs=kwargs, autocommit=True)
 
 
 def sql(conn, text: str) -> pa.Table:
@@ -1023,8 +1031,6 @@ def sql_parts(fed: Federation) -> dict[str, int]:
     """A second federated dataset held by FR and DE only (IT holds no part of it, so it is not asked about): each
     node's demo manifest under another local name with `federation = "eu_sql"` and dkfz's permit. Returns the rows
     each part releases to trainer-de, counted by a pull at that node alone."""
-    if fed.tls:
-        pytest.skip("federated SQL is exercised over plain gRPC (ADBC with client certificates is not set up here)")
     counts = {}
     for node_id in ("gw-fr", "gw-de"):
         node = fed.nodes[node_id]
@@ -1059,11 +1065,39 @@ def test_federated_sql_counts_every_part(fed: Federation, sql_parts):
 def test_federated_sql_pushes_columns_and_filters_to_each_node(fed: Federation, sql_parts):
     since = datetime.now(timezone.utc).isoformat()
     with adbc_home(fed) as conn:
-        sql(conn, f"SELECT avg(hba1c) FROM {SQL_FEDERATION} WHERE hba1c > 9")
+        rows = sql(conn, f"SELECT hba1c FROM {SQL_FEDERATION} WHERE hba1c > 9")
+    assert rows.num_rows > 0 and min(rows.column("hba1c").to_pylist()) > 9
     entries = audit_entries(fed.nodes["gw-fr"], FEDERATED_PRINCIPAL, since=since)
     gets = [e for e in entries if e["action"] == "do_get"]
     assert gets, entries
     assert all(e["columns"] == ["hba1c"] and "hba1c > 9" in (e["filter"] or "") for e in gets), gets
+    assert sum(e["rows_sent"] for e in gets) < sql_parts["gw-fr"], gets
+
+
+def test_federated_sql_pushes_a_group_by_to_each_node(fed: Federation, sql_parts):
+    """A GROUP BY over a federated table travels as groups: each node sends one row per group (audited with the
+    aggregate), and the combined answer equals grouping every node's rows."""
+    since = datetime.now(timezone.utc).isoformat()
+    query = (f"SELECT diagnosis, count(*) AS n, sum(hba1c) AS s, avg(hba1c) AS a, min(hba1c) AS lo, max(hba1c) AS hi "
+             f"FROM {SQL_FEDERATION} WHERE hba1c > 7 GROUP BY diagnosis")
+    with adbc_home(fed) as conn:
+        got = sql(conn, query)
+        rows = sql(conn, f"SELECT diagnosis, hba1c FROM {SQL_FEDERATION} WHERE hba1c > 7")
+    expected: dict[Any, list[float]] = {}
+    for d, h in zip(rows.column("diagnosis").to_pylist(), rows.column("hba1c").to_pylist()):
+        expected.setdefault(d, []).append(h)
+    assert sorted(got.column("diagnosis").to_pylist(), key=str) == sorted(expected, key=str)
+    for r in got.to_pylist():
+        values = [v for v in expected[r["diagnosis"]] if v is not None]
+        assert r["n"] == len(expected[r["diagnosis"]]), r
+        assert r["s"] == pytest.approx(sum(values), rel=1e-9), r
+        assert r["a"] == pytest.approx(sum(values) / len(values), rel=1e-9), r
+        assert (r["lo"], r["hi"]) == (min(values), max(values)), r
+    gets = [e for e in audit_entries(fed.nodes["gw-fr"], FEDERATED_PRINCIPAL, since=since)
+            if e["action"] == "do_get" and (e.get("statement") or "").startswith("GROUP BY diagnosis")]
+    assert len(gets) == 1, gets
+    assert gets[0]["columns"] == ["diagnosis", "hba1c"] and "hba1c > 7" in (gets[0]["filter"] or ""), gets
+    assert gets[0]["rows_sent"] <= len(expected), gets
 
 
 def test_federated_sql_fails_naming_a_refusing_node(fed: Federation, sql_parts):
@@ -1078,10 +1112,128 @@ def test_a_peers_principal_gets_no_sql_at_a_peer(fed: Federation, sql_parts):
     import adbc_driver_flightsql.dbapi as flight_sql
     info = fed.request(on_partial="skip")
     fr = info.nodes["gw-fr"]
-    conn = flight_sql.connect(fed.nodes["gw-fr"].advertise_url, db_kwargs={
-        "adbc.flight.sql.rpc.call_header.x-passerelle-assertion": fr["assertion"],
-        "adbc.flight.sql.rpc.call_header.x-passerelle-purpose": PURPOSE}, autocommit=True)
+    kwargs = {"adbc.flight.sql.rpc.call_header.x-passerelle-assertion": fr["assertion"],
+              "adbc.flight.sql.rpc.call_header.x-passerelle-purpose": PURPOSE}
+    if fed.tls:
+        assert fed.pki is not None
+        kwargs["adbc.flight.sql.client_option.tls_root_certs"] = fed.pki.bundle.read_text()
+    conn = flight_sql.connect(fed.nodes["gw-fr"].advertise_url, db_kwargs=kwargs, autocommit=True)
     with conn:
         with pytest.raises(Exception) as refused:
             sql(conn, "SELECT count(*) FROM sql_fr")
     assert "not SQL" in str(refused.value), str(refused.value)
+
+
+# ======================================================================================================================
+# An aggregates-only part: a federated GROUP BY is answered, raw rows are refused
+# ======================================================================================================================
+
+AGG_FEDERATION = "eu_agg"
+AGG_FLOOR = 25      # gw-fr's min_group_size for its aggregates-only part
+AGG_NODES = {"gw-fr": "agg_fr", "gw-de": "agg_de"}
+
+
+@pytest.fixture(scope="module")
+def agg_parts(fed: Federation) -> None:
+    """`eu_agg`: gw-fr's part is released as aggregates only (groups under AGG_FLOOR rows suppressed), gw-de's as
+    rows; dkfz holds a permit at both."""
+    for node_id, name in AGG_NODES.items():
+        node = fed.nodes[node_id]
+        manifest = manifest_json(node.gw, name)
+        manifest["member_state"] = node.spec.member_state
+        manifest["federation"] = AGG_FEDERATION
+        if node_id == "gw-fr":
+            manifest["release"] = "aggregates"
+            manifest["min_group_size"] = AGG_FLOOR
+        steward = node.key(STEWARD)
+        resp = node.rest("POST", "/api/v1/datasets", key=steward, body=manifest)
+        assert resp.status in (200, 201), resp.text[:500]
+        resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": ORG, "purpose": PURPOSE})
+        assert resp.status in (200, 201), resp.text[:500]
+
+        def permitted(node=node, name=name):
+            try:
+                return local_aggregate(node, name, {"measures": [{"func": "count"}]}).num_rows == 1
+            except flight.FlightError:
+                return False
+
+        poll_until(permitted, what=f"trainer-de may aggregate {name} at {node_id}")
+
+
+def local_aggregate(node: FedNode, dataset: str, aggregate: dict[str, Any], filter: str | None = None) -> pa.Table:
+    """A plain Flight aggregate command at `node` by its own trainer-de."""
+    command: dict[str, Any] = {"dataset": dataset, "aggregate": aggregate}
+    if filter is not None:
+        command["filter"] = filter
+    c = node.connect()
+    try:
+        opts = node.local_options(TRAINER)
+        info = c.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(command).encode()), opts)
+        tables = [c.do_get(ep.ticket, opts).read_all() for ep in info.endpoints]
+    finally:
+        c.close()
+    assert len(tables) == 1, info
+    return tables[0]
+
+
+GROUPS = {"group_by": ["diagnosis"], "measures": [{"func": "count"}, {"func": "sum", "column": "hba1c"},
+                                                  {"func": "count", "column": "hba1c"}]}
+
+
+def test_an_aggregates_part_answers_a_federated_group_by(fed: Federation, agg_parts):
+    """The federated GROUP BY equals gw-fr's own groups (floored there) plus gw-de's rows grouped here."""
+    fr = local_aggregate(fed.nodes["gw-fr"], "agg_fr", GROUPS, "hba1c > 6").to_pylist()
+    assert fr and all(g["count(*)"] >= AGG_FLOOR for g in fr), fr
+    de_rows = fed.local_pull("gw-de")
+    expected: dict[Any, list] = {}
+    for g in fr:
+        expected[g["diagnosis"]] = [g["count(*)"], g["sum(hba1c)"], g["count(hba1c)"]]
+    for d, h in zip(de_rows.column("diagnosis").to_pylist(), de_rows.column("hba1c").to_pylist()):
+        if h is None or h <= 6:
+            continue
+        e = expected.setdefault(d, [0, 0.0, 0])
+        e[0] += 1
+        e[1] += h
+        e[2] += 1
+    with adbc_home(fed) as conn:
+        got = sql(conn, f"SELECT diagnosis, count(*) AS n, sum(hba1c) AS s, avg(hba1c) AS a FROM {AGG_FEDERATION} "
+                        f"WHERE hba1c > 6 GROUP BY diagnosis")
+    assert sorted(got.column("diagnosis").to_pylist(), key=str) == sorted(expected, key=str)
+    for r in got.to_pylist():
+        n, total, counted = expected[r["diagnosis"]]
+        assert r["n"] == n and r["s"] == pytest.approx(total, rel=1e-9), (r, expected[r["diagnosis"]])
+        assert r["a"] == pytest.approx(total / counted, rel=1e-9), r
+
+
+def test_an_aggregates_part_refuses_raw_rows_and_order_statistics(fed: Federation, agg_parts):
+    with adbc_home(fed) as conn:
+        for query in (f"SELECT hba1c FROM {AGG_FEDERATION}",
+                      f"SELECT diagnosis, max(hba1c) FROM {AGG_FEDERATION} GROUP BY diagnosis",
+                      f"SELECT count(DISTINCT hba1c) FROM {AGG_FEDERATION}"):
+            with pytest.raises(Exception) as refused:
+                sql(conn, query)
+            message = str(refused.value)
+            assert "gw-fr" in message and "aggregates only" in message, (query, message)
+    # Plain Flight: the rows of eu_agg are refused by gw-fr (on_partial = fail).
+    with fed.home_client() as (c, opts):
+        with pytest.raises(flight.FlightUnauthorizedError) as denied:
+            c.get_flight_info(flight.FlightDescriptor.for_command(json.dumps({"dataset": AGG_FEDERATION}).encode()),
+                              opts)
+    assert "gw-fr" in str(denied.value) and "aggregates only" in str(denied.value), str(denied.value)
+
+
+def test_plain_flight_aggregate_reads_each_nodes_groups_from_that_node(fed: Federation, agg_parts):
+    """A federated `aggregate` command over plain Flight: one endpoint per node, read from that node, each the
+    node's own groups; gw-fr's equal its local answer and suppress the groups under its floor."""
+    fine = {"group_by": ["postcode", "birth_date", "diagnosis"], "measures": [{"func": "count"}]}
+    answer = fed.parse(fed.get_info(dataset=AGG_FEDERATION, aggregate=fine), AGG_FEDERATION)
+    assert answer.status() == {"gw-fr": "ok", "gw-de": "ok"}, answer.nodes
+    fr = fed.read_node(answer, "gw-fr")
+    local = local_aggregate(fed.nodes["gw-fr"], "agg_fr", fine)
+    key = lambda r: (str(r["postcode"]), str(r["birth_date"]), str(r["diagnosis"]))  # noqa: E731
+    assert sorted(fr.to_pylist(), key=key) == sorted(local.to_pylist(), key=key)
+    assert all(r["count(*)"] >= AGG_FLOOR for r in fr.to_pylist()), fr
+    total = local_aggregate(fed.nodes["gw-fr"], "agg_fr", {"measures": [{"func": "count"}]}).column("count(*)")[0]
+    assert sum(fr.column("count(*)").to_pylist()) < total.as_py(), "no fine group was suppressed: the test proves nothing"
+    de = fed.read_node(answer, "gw-de")
+    assert sum(de.column("count(*)").to_pylist()) == fed.local_pull("gw-de").num_rows
