@@ -293,13 +293,21 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
     Ok(true)
 }
 
-/// The pyarrow and ADBC snippet `serve --demo` prints.
-pub fn snippet(flight_addr: &str, trainer_key: &str) -> String {
+/// The pyarrow and ADBC snippet `serve --demo` prints. With TLS the URL is `grpc+tls://` and the
+/// client must trust the node's certificate authority (a comment says how).
+pub fn snippet(flight_addr: &str, trainer_key: &str, tls: bool) -> String {
+    let (scheme, trust) = match tls {
+        true => (
+            "grpc+tls",
+            "\n# TLS: fl.connect(url, tls_root_certs=open(\"ca-bundle.pem\", \"rb\").read()); ADBC: \"adbc.flight.sql.client_option.tls_root_certs\"",
+        ),
+        false => ("grpc", ""),
+    };
     format!(
         r#"
-# Pull the governed demo stream with pyarrow (pip install pyarrow):
+# Pull the governed demo stream with pyarrow (pip install pyarrow):{trust}
 import pyarrow.flight as fl
-client = fl.connect("grpc://{flight_addr}")
+client = fl.connect("{scheme}://{flight_addr}")
 opts = fl.FlightCallOptions(headers=[(b"authorization", b"Bearer {trainer_key}"),
                                      (b"x-passerelle-purpose", b"research/ai-training")])
 info = client.get_flight_info(fl.FlightDescriptor.for_path("{DEMO_DATASET}"), opts)
@@ -308,7 +316,7 @@ print(table.num_rows, table.schema)
 
 # Or query it with SQL over Flight SQL (pip install adbc-driver-flightsql pyarrow):
 import adbc_driver_flightsql.dbapi as flight_sql
-conn = flight_sql.connect("grpc://{flight_addr}", db_kwargs={{
+conn = flight_sql.connect("{scheme}://{flight_addr}", db_kwargs={{
     "adbc.flight.sql.authorization_header": "Bearer {trainer_key}",
     "adbc.flight.sql.rpc.call_header.x-passerelle-purpose": "research/ai-training"}})
 cur = conn.cursor()
