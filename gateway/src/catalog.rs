@@ -41,6 +41,11 @@ pub struct DataCommand {
     /// Federated requests: `fail` (default) when a node denies or is down, or `skip` it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_partial: Option<OnPartial>,
+    /// Reshuffles a split stream per training epoch: with `shard`, which share of each node's rows
+    /// a rank reads (still disjoint and complete across ranks); with `shard` or `parts`, the
+    /// endpoint order. The same seed gives the same assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Summaries per group instead of rows (the only way an aggregates-only dataset leaves over
     /// plain Flight, and how federated SQL pushes `GROUP BY` to each node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +179,20 @@ pub enum OnPartial {
     Fail,
     /// The request proceeds without them; `app_metadata` reports them.
     Skip,
+}
+
+/// A stable pseudo-random number for `seed`, a node and one of its parts (the same in every
+/// process and release, unlike `std`'s hashers): orders endpoints and offsets shards.
+pub fn seeded(seed: u64, node: &str, k: u64) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(seed.to_be_bytes());
+    h.update(node.as_bytes());
+    h.update(k.to_be_bytes());
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// Most parts a stream may be split into.

@@ -258,12 +258,20 @@ impl FlightHandler {
             // An aggregate is one small stream per node.
             parts: cmd.aggregate.is_none().then(|| cmd.shard.map_or(1, |s| s.world_size)),
             shard: None,
+            // The home node applies the seed (peers deal their parts as usual).
+            seed: None,
             on_partial: None,
             ..cmd.clone()
         };
-        let pick = |mut endpoints: Vec<FlightEndpoint>| -> Vec<FlightEndpoint> {
+        // Rank r reads part (r + offset) mod w of every node: disjoint and complete across ranks;
+        // the seed moves the offset per node (a new share of rows per epoch).
+        let pick = |node: &str, mut endpoints: Vec<FlightEndpoint>| -> Vec<FlightEndpoint> {
+            let n = endpoints.len();
             match rank {
-                Some(r) if r < endpoints.len() => vec![endpoints.swap_remove(r)],
+                Some(r) if r < n => {
+                    let offset = cmd.seed.map_or(0, |s| catalog::seeded(s, node, 0) % n as u64) as usize;
+                    vec![endpoints.swap_remove((r + offset) % n)]
+                }
                 Some(_) => Vec::new(),
                 None => endpoints,
             }
@@ -299,7 +307,7 @@ impl FlightHandler {
                         true => ep.with_location(here),
                         false => ep,
                     });
-                    let mine = pick(located.collect());
+                    let mine = pick(self.node.node_id(), located.collect());
                     status.endpoints = mine.len();
                     endpoints.extend(mine);
                     schemas.push(planned.schema.as_ref().clone());
@@ -338,7 +346,7 @@ impl FlightHandler {
             match answer {
                 Ok(info) => match info.clone().try_decode_schema() {
                     Ok(schema) => {
-                        let theirs = pick(info.endpoint);
+                        let theirs = pick(&peer.node_id, info.endpoint);
                         status.location = theirs.first().and_then(|e| e.location.first()).map(|l| l.uri.clone());
                         status.endpoints = theirs.len();
                         status.assertion = assertion;
@@ -415,7 +423,7 @@ impl FlightHandler {
             .with_total_records(-1)
             .with_ordered(false)
             .with_app_metadata(metadata.to_string().into_bytes());
-        for e in endpoints {
+        for e in seeded_order(cmd.seed, endpoints) {
             info = info.with_endpoint(e);
         }
         let reason = format!("federated: {summary}");
@@ -582,6 +590,7 @@ impl FlightHandler {
             .with_total_records(-1)
             .with_ordered(false);
         if with_ticket {
+            let mut endpoints = Vec::new();
             for ticket in self.tickets(caller, cmd)? {
                 let mut endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket));
                 // Parts and peers' callers read from this node by URL; a plain request reads on
@@ -589,6 +598,9 @@ impl FlightHandler {
                 if cmd.parts.is_some() || caller.federated.is_some() {
                     endpoint = endpoint.with_location(self.node.advertise_url.get().map_or("", String::as_str));
                 }
+                endpoints.push(endpoint);
+            }
+            for endpoint in seeded_order(cmd.seed, endpoints) {
                 info = info.with_endpoint(endpoint);
             }
         }
@@ -618,6 +630,23 @@ impl FlightHandler {
             })
             .collect()
     }
+}
+
+/// Endpoints in the order `seed` gives (by their location and position), or as they are.
+fn seeded_order(seed: Option<u64>, endpoints: Vec<FlightEndpoint>) -> Vec<FlightEndpoint> {
+    let Some(seed) = seed else {
+        return endpoints;
+    };
+    let mut keyed: Vec<(u64, FlightEndpoint)> = endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(k, e)| {
+            let at = e.location.first().map_or("", |l| l.uri.as_str());
+            (catalog::seeded(seed, at, k as u64), e)
+        })
+        .collect();
+    keyed.sort_by_key(|(key, _)| *key);
+    keyed.into_iter().map(|(_, e)| e).collect()
 }
 
 /// Maps an error from the Flight encoder (which wraps DataFusion's) to a status, once.

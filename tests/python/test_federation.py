@@ -732,6 +732,29 @@ def test_shards_are_disjoint_and_cover_the_full_pull(fed: Federation, skip_pull)
     assert all(per_rank), f"rows per rank: {per_rank} (a rank with no rows of ~{sum(per_rank)} is no shard)"
 
 
+def test_a_seed_reshuffles_the_shards_and_keeps_them_disjoint_and_complete(fed: Federation, skip_pull):
+    """`seed` (one per epoch) changes which share of each node's rows a rank reads, and the endpoint order; for
+    every seed the ranks stay disjoint and together complete, and the same seed gives the same shares."""
+    world = 4
+    _, full_parts = skip_pull
+
+    def shares(seed: int) -> list[dict[str, Counter]]:
+        out = []
+        for rank in range(world):
+            answer = fed.request(on_partial="skip", shard={"rank": rank, "world_size": world}, seed=seed)
+            out.append({n: row_counter(fed.read_node(answer, n)) for n in PERMITTED})
+        return out
+
+    epochs = {seed: shares(seed) for seed in (1, 2, 3)}
+    for seed, ranks in epochs.items():
+        for node_id in PERMITTED:
+            union = sum((r[node_id] for r in ranks), Counter())
+            assert union == row_counter(full_parts[node_id]), f"seed {seed}, {node_id}: ranks are not a partition"
+    assert shares(2) == epochs[2], "the same seed must give the same shares"
+    assert any(epochs[a][0] != epochs[b][0] for a, b in ((1, 2), (1, 3), (2, 3))), \
+        "rank 0 reads the same rows under every seed: the seed reshuffles nothing"
+
+
 # ======================================================================================================================
 # (e) resume
 # ======================================================================================================================
