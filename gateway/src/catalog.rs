@@ -449,8 +449,24 @@ pub async fn plan_for(
         let expr = SessionContext::new_with_config(session_config())
             .parse_sql_expr(filter, &raw_df_schema)
             .map_err(|e| {
+                // DataFusion's message lists the schema's columns: say it over the columns the
+                // caller may see, never the raw ones.
+                let visible = DFSchema::try_from(datafusion::catalog::TableProvider::schema(&table).as_ref().clone());
+                let why = match visible
+                    .map(|v| SessionContext::new_with_config(session_config()).parse_sql_expr(filter, &v))
+                {
+                    Ok(Err(visible_err)) => visible_err.strip_backtrace(),
+                    _ => format!("{}", e.strip_backtrace())
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .split(". Valid fields")
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                };
                 Error::invalid(
-                    format!("filter does not parse: {}", e.strip_backtrace()),
+                    format!("filter does not parse: {why}"),
                     "write a SQL boolean expression over the columns you may see",
                 )
             })?;

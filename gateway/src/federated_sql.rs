@@ -24,7 +24,7 @@ use arrow_flight::error::FlightError;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DataFusionError};
+use datafusion::common::{Column, DataFusionError, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::Result as DfResult;
@@ -210,9 +210,23 @@ impl FederatedTable {
 /// `None` if a filter cannot be written as SQL (it is then applied here only).
 fn filter_sql(filters: &[Expr]) -> Option<String> {
     let conjunction = filters.iter().cloned().reduce(Expr::and)?;
+    // A correlated subquery's outer column means nothing at a node: applied here only.
+    if conjunction
+        .exists(|e| Ok(matches!(e, Expr::OuterReferenceColumn(..))))
+        .unwrap_or(true)
+    {
+        return None;
+    }
     let unqualified = conjunction
         .transform(|e| match e {
             Expr::Column(c) => Ok(Transformed::yes(Expr::Column(Column::new_unqualified(c.name)))),
+            // The unparser writes NaN and infinities as bare words a node would read as columns.
+            Expr::Literal(ScalarValue::Float64(Some(v)), _) if !v.is_finite() => {
+                Ok(Transformed::yes(cast(lit(non_finite(v)), DataType::Float64)))
+            }
+            Expr::Literal(ScalarValue::Float32(Some(v)), _) if !v.is_finite() => {
+                Ok(Transformed::yes(cast(lit(non_finite(f64::from(v))), DataType::Float32)))
+            }
             other => Ok(Transformed::no(other)),
         })
         .ok()?
@@ -220,6 +234,17 @@ fn filter_sql(filters: &[Expr]) -> Option<String> {
     datafusion::sql::unparser::expr_to_sql(&unqualified)
         .ok()
         .map(|e| e.to_string())
+}
+
+/// SQL text DataFusion casts back to the non-finite float `v`.
+fn non_finite(v: f64) -> &'static str {
+    if v.is_nan() {
+        "NaN"
+    } else if v > 0.0 {
+        "inf"
+    } else {
+        "-inf"
+    }
 }
 
 #[async_trait]
@@ -554,6 +579,13 @@ fn pushed(agg: &Aggregate) -> DfResult<Option<LogicalPlan>> {
             f => Combine::Same(f, add(f, column)),
         });
     }
+    // A GROUP BY without summaries still needs one measure per node (a hidden count).
+    if measures.is_empty() {
+        measures.push(Measure {
+            func: MeasureFn::Count,
+            column: None,
+        });
+    }
     let spec = AggregateSpec { group_by, measures };
     // The partials' types, as the nodes' own planners will produce them.
     let exprs = spec
@@ -604,7 +636,7 @@ fn pushed(agg: &Aggregate) -> DfResult<Option<LogicalPlan>> {
                 finals.push(sum(partial(s)).alias(p(0)));
                 finals.push(sum(partial(n)).alias(p(1)));
                 let ratio = cast(partial(&p(0)), DataType::Float64) / cast(partial(&p(1)), DataType::Float64);
-                let none = lit(datafusion::common::ScalarValue::Float64(None));
+                let none = lit(ScalarValue::Float64(None));
                 combined.push(when(partial(&p(1)).is_null().or(partial(&p(1)).eq(lit(0i64))), none).otherwise(ratio)?);
             }
         }

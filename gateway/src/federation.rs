@@ -410,6 +410,75 @@ fn peer_refusal(s: tonic::Status) -> (String, String) {
 pub const RESUME_ACTION: &str = "resume";
 /// DoAction type answering this node's id and verification key (peer health checks).
 pub const NODE_KEY_ACTION: &str = "node-key";
+/// DoAction type answering the federated datasets this node holds a part of that the caller may
+/// use for the declared purpose, each with the part's post-policy schema.
+pub const FEDERATIONS_ACTION: &str = "federations";
+
+/// One federated dataset as a node shows it to a caller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationPart {
+    /// The federated dataset's name.
+    pub federation: String,
+    /// The part's post-policy schema, as a Flight `SchemaResult` message, base64url.
+    pub schema: String,
+}
+
+impl FederationPart {
+    /// Encodes `schema` for the answer.
+    pub fn new(federation: String, schema: &arrow::datatypes::Schema) -> Result<Self> {
+        let result: arrow_flight::SchemaResult =
+            arrow_flight::SchemaAsIpc::new(schema, &arrow::ipc::writer::IpcWriteOptions::default())
+                .try_into()
+                .map_err(|e| Error::Internal(format!("encode schema: {e}")))?;
+        Ok(Self {
+            federation,
+            schema: URL_SAFE_NO_PAD.encode(&result.schema),
+        })
+    }
+
+    /// The schema, decoded.
+    pub fn decode_schema(&self) -> std::result::Result<arrow::datatypes::Schema, String> {
+        let bytes = URL_SAFE_NO_PAD.decode(&self.schema).map_err(|e| e.to_string())?;
+        let result = arrow_flight::SchemaResult { schema: bytes.into() };
+        arrow::datatypes::Schema::try_from(&result).map_err(|e| e.to_string())
+    }
+}
+
+/// The federated datasets `peer` shows to the principal of `assertion` for `purpose`.
+pub async fn peer_federations(
+    peer: &Peer,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+    purpose: &str,
+    assertion: &str,
+) -> std::result::Result<Vec<FederationPart>, (String, String)> {
+    let ask = async {
+        let mut client = connect(peer, tls, timeout).await.map_err(unavailable)?;
+        let mut req = tonic::Request::new(arrow_flight::Action {
+            r#type: FEDERATIONS_ACTION.into(),
+            body: Default::default(),
+        });
+        let md = req.metadata_mut();
+        md.insert(
+            crate::flight::PURPOSE_HEADER,
+            MetadataValue::try_from(purpose).map_err(|_| unavailable("bad purpose".into()))?,
+        );
+        md.insert(
+            ASSERTION_HEADER,
+            MetadataValue::try_from(assertion).map_err(|_| unavailable("bad assertion".into()))?,
+        );
+        let mut stream = client.do_action(req).await.map_err(peer_refusal)?.into_inner();
+        let first = futures::StreamExt::next(&mut stream)
+            .await
+            .ok_or_else(|| unavailable("no answer".into()))?
+            .map_err(peer_refusal)?;
+        serde_json::from_slice::<Vec<FederationPart>>(&first.body)
+            .map_err(|e| unavailable(format!("unreadable answer: {e}")))
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err(unavailable("no answer in time".into())))
+}
 
 /// The federation actions, for ListActions.
 pub fn action_types() -> Vec<arrow_flight::ActionType> {
@@ -423,6 +492,10 @@ pub fn action_types() -> Vec<arrow_flight::ActionType> {
         arrow_flight::ActionType {
             r#type: NODE_KEY_ACTION.into(),
             description: "this node's id and Ed25519 verification key".into(),
+        },
+        arrow_flight::ActionType {
+            r#type: FEDERATIONS_ACTION.into(),
+            description: "the federated datasets this node holds a part of that the caller may use for the declared purpose, with their schemas".into(),
         },
     ]
 }

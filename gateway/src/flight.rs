@@ -607,6 +607,101 @@ impl FlightHandler {
         Ok(info)
     }
 
+    /// This node's parts of federated datasets that the caller may use for its purpose, each
+    /// with the part's post-policy schema.
+    async fn local_federations(&self, caller: &Caller) -> Vec<(String, arrow::datatypes::Schema)> {
+        let snap = self.node.snapshot();
+        let mut out = Vec::new();
+        for m in snap.datasets.values() {
+            let Some(federation) = m.federation.clone() else {
+                continue;
+            };
+            let cmd = DataCommand {
+                dataset: m.name.to_string(),
+                ..Default::default()
+            };
+            if let Ok(p) = catalog::plan_for(&self.node, &caller.principal, &caller.purpose, &cmd, true).await {
+                out.push((federation, p.schema.as_ref().clone()));
+            }
+        }
+        out
+    }
+
+    /// The federated datasets this node's principal may use for its purpose: this node's parts
+    /// and what each peer shows (each peer decides on its own, for that principal). A peer that
+    /// does not answer is left out of the listing; `app_metadata` names the nodes that showed
+    /// each dataset.
+    async fn federated_listing(&self, caller: &Caller) -> Result<Vec<FlightInfo>> {
+        use std::collections::BTreeMap;
+        let mut found: BTreeMap<String, (Vec<arrow::datatypes::Schema>, Vec<String>)> = BTreeMap::new();
+        let snap = self.node.snapshot();
+        for (federation, schema) in self.local_federations(caller).await {
+            let entry = found.entry(federation).or_default();
+            entry.0.push(schema);
+            entry.1.push(self.node.node_id().to_string());
+        }
+        let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
+        let purpose = caller.purpose.to_string();
+        let asks = self.node.peers.iter().map(|peer| {
+            let assertion = self.node.assert_for(peer, &caller.principal, &purpose);
+            let (purpose, tls) = (&purpose, self.node.client_tls.as_ref());
+            async move {
+                match assertion {
+                    Ok(a) => (
+                        peer,
+                        crate::federation::peer_federations(peer, tls, timeout, purpose, &a).await,
+                    ),
+                    Err(e) => (peer, Err(("unavailable".to_string(), e.to_string()))),
+                }
+            }
+        });
+        for (peer, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(parts) => {
+                    for part in parts {
+                        match part.decode_schema() {
+                            Ok(schema) => {
+                                let entry = found.entry(part.federation).or_default();
+                                entry.0.push(schema);
+                                entry.1.push(peer.node_id.clone());
+                            }
+                            Err(e) => tracing::warn!(peer = %peer.node_id, error = %e, "unreadable federated schema"),
+                        }
+                    }
+                }
+                Err((status, reason)) => {
+                    tracing::debug!(peer = %peer.node_id, %status, %reason, "peer left out of the listing")
+                }
+            }
+        }
+        let mut infos = Vec::new();
+        for (name, (schemas, nodes)) in found {
+            if snap.datasets.contains_key(&name) {
+                continue;
+            }
+            let Ok(merged) = arrow::datatypes::Schema::try_merge(schemas) else {
+                tracing::warn!(federation = %name, "parts disagree on column types; not listed");
+                continue;
+            };
+            let fields: Vec<arrow::datatypes::Field> = merged
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect();
+            let metadata = serde_json::json!({ "federation": name, "nodes": nodes });
+            infos.push(
+                FlightInfo::new()
+                    .try_with_schema(&arrow::datatypes::Schema::new(fields))
+                    .map_err(|e| Error::Internal(format!("encode schema: {e}")))?
+                    .with_descriptor(FlightDescriptor::new_path(vec![name]))
+                    .with_total_records(-1)
+                    .with_ordered(false)
+                    .with_app_metadata(metadata.to_string().into_bytes()),
+            );
+        }
+        Ok(infos)
+    }
+
     /// One signed ticket per part of the request.
     fn tickets(&self, caller: &Caller, cmd: &DataCommand) -> Result<Vec<Vec<u8>>> {
         let n = cmd.parts.unwrap_or(1);
@@ -853,7 +948,14 @@ impl FlightService for FlightHandler {
                 )?));
             }
         }
-        let reason = format!("listed {} dataset(s)", infos.len());
+        let local = infos.len();
+        for info in self.federated_listing(&caller).await? {
+            infos.push(Ok(info));
+        }
+        let reason = format!(
+            "listed {local} dataset(s) and {} federated dataset(s)",
+            infos.len() - local
+        );
         self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Ok(&reason), true)
             .await?;
         Ok(Response::new(futures::stream::iter(infos).boxed()))
@@ -1073,6 +1175,29 @@ impl FlightService for FlightHandler {
                 let md = request.metadata().clone();
                 let ticket = self.resume(&md, &request.get_ref().body).await?;
                 let out = arrow_flight::Result { body: ticket.into() };
+                Ok(Response::new(futures::stream::iter([Ok(out)]).boxed()))
+            }
+            crate::federation::FEDERATIONS_ACTION => {
+                let md = request.metadata().clone();
+                let caller = match self.caller(&md) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.audit(&md, None, audit::Action::ListFlights, None, Err(&e), true)
+                            .await?;
+                        return Err(e.into());
+                    }
+                };
+                let parts = self
+                    .local_federations(&caller)
+                    .await
+                    .into_iter()
+                    .map(|(f, schema)| crate::federation::FederationPart::new(f, &schema))
+                    .collect::<Result<Vec<_>>>()?;
+                let reason = format!("showed {} federated part(s)", parts.len());
+                self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Ok(&reason), true)
+                    .await?;
+                let body = serde_json::to_vec(&parts).map_err(|e| Error::Internal(e.to_string()))?;
+                let out = arrow_flight::Result { body: body.into() };
                 Ok(Response::new(futures::stream::iter([Ok(out)]).boxed()))
             }
             crate::federation::NODE_KEY_ACTION => {

@@ -493,17 +493,18 @@ impl FlightSqlService for SqlService {
             }
         };
         // Parameter types DataFusion inferred ($1, $2, ...); unknown ones are Null.
-        let mut params: Vec<(usize, Field)> =
-            status(planned.df.logical_plan().get_parameter_fields().map_err(Error::from))?
-                .into_iter()
-                .map(|(id, field)| {
-                    let n = id.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX);
-                    let dt = field
-                        .map(|f| f.data_type().clone())
-                        .unwrap_or(arrow::datatypes::DataType::Null);
-                    (n, Field::new(id, dt, true))
-                })
-                .collect();
+        let mut params: Vec<(usize, Field)> = planned
+            .parameters
+            .clone()
+            .into_iter()
+            .map(|(id, field)| {
+                let n = id.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX);
+                let dt = field
+                    .map(|f| f.data_type().clone())
+                    .unwrap_or(arrow::datatypes::DataType::Null);
+                (n, Field::new(id, dt, true))
+            })
+            .collect();
         params.sort_by_key(|(n, _)| *n);
         let parameter_schema = Schema::new(params.into_iter().map(|(_, f)| f).collect::<Vec<_>>());
         let statement = claim.text.clone();

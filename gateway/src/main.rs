@@ -28,7 +28,10 @@ async fn main() -> anyhow::Result<()> {
         .context("reading demo-keys.json")?;
         let keys: serde_json::Value = serde_json::from_str(&keys).context("parsing demo-keys.json")?;
         let key = keys["trainer-de"]["key"].as_str().unwrap_or("<see demo-keys.json>");
-        println!("{}", passerelle::demo::snippet(&app.flight_addr().to_string(), key, cfg.tls.is_some()));
+        println!(
+            "{}",
+            passerelle::demo::snippet(&app.flight_addr().to_string(), key, cfg.tls.is_some())
+        );
     }
     #[cfg(unix)]
     {

@@ -217,6 +217,9 @@ pub struct PlannedSql {
     pub touched: Vec<Touched>,
     /// `EXPLAIN`: the output is redacted of storage paths.
     pub explain: bool,
+    /// The statement's parameters (`$1`...) and their inferred types, read before aggregates are
+    /// pushed to federated nodes (which turns them into command text).
+    pub parameters: HashMap<String, Option<arrow::datatypes::FieldRef>>,
 }
 
 impl PlannedSql {
@@ -390,6 +393,7 @@ pub async fn plan_sql(
         None => plan,
     };
     check_guarded(&plan)?;
+    let parameters = plan.get_parameter_fields()?;
     let plan = crate::federated_sql::push_aggregates(plan)?;
     let plan = k_floor_scans(enforce_release(plan)?)?;
     let df = DataFrame::new(state, plan);
@@ -400,6 +404,7 @@ pub async fn plan_sql(
         schema,
         touched,
         explain,
+        parameters,
     })
 }
 

@@ -22,6 +22,20 @@ struct Run {
     rows: usize,
     bytes: usize,
     secs: f64,
+    /// CPU seconds of the whole process (gateway and client) during the pull.
+    cpu: f64,
+}
+
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`; 0 elsewhere).
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces): utime is the 14th field, stime the 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -38,6 +52,7 @@ async fn pull(gw: &TestGateway, mode: Mode) -> Run {
         .await
         .unwrap();
     let started = Instant::now();
+    let cpu0 = cpu_secs();
     let descriptor = match mode {
         Mode::Unguarded => None,
         Mode::Governed => Some(FlightDescriptor::new_path(vec!["demo_patients".into()])),
@@ -59,6 +74,7 @@ async fn pull(gw: &TestGateway, mode: Mode) -> Run {
         rows,
         bytes,
         secs: started.elapsed().as_secs_f64(),
+        cpu: cpu_secs() - cpu0,
     }
 }
 
@@ -90,11 +106,12 @@ async fn main() {
     let (u, g, n) = (best(&unguarded), best(&governed), best(&no_id));
     let line = |name: &str, r: &Run| {
         println!(
-            "{name:<10} rows={:>10}  time={:>6.3} s  {:>12.0} rows/s  {:>8.1} MB/s (decoded Arrow)",
+            "{name:<10} rows={:>10}  time={:>6.3} s  {:>12.0} rows/s  {:>8.1} MB/s (decoded Arrow)  cores busy {:.2}",
             r.rows,
             r.secs,
             r.rows as f64 / r.secs,
-            r.bytes as f64 / r.secs / 1e6
+            r.bytes as f64 / r.secs / 1e6,
+            r.cpu / r.secs
         );
     };
     line("unguarded", u);

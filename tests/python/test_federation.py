@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from conftest import (PSEUDONYM_RE, PURPOSE, RELEASED_COLUMNS, RPC_TIMEOUT, SUBJECT_COLUMN, Gateway, HttpResponse,
-                      Reference, assert_json_error, assert_same_multiset, expect_status, generalise_year,
+                      Reference, assert_json_error, descriptor_dataset, assert_same_multiset, expect_status, generalise_year,
                       group_signature, http, is_string_type, listed_datasets, norm_float, poll_until, prefix2,
                       rfc3339, run_cli, start_gateway, stop_process)
 from test_admin import manifest_json
@@ -635,6 +635,25 @@ def test_schema_is_the_union_of_the_parts(fed: Federation, skip_pull):
     for name, typ in union.items():
         assert schema.field(name).type == typ, f"{name}: {schema.field(name).type} in FlightInfo, {typ} in the parts"
     assert "postcode" in union and "full_name" not in union
+
+
+def test_home_lists_the_federated_datasets_each_node_shows(fed: Federation):
+    """ListFlights at the home node includes eu_diabetes, learnt from the nodes that show it to trainer-de for the
+    purpose (gw-it holds no permit for dkfz: it does not show its part), with the union of their schemas."""
+    with fed.home_client() as (c, opts):
+        infos = {descriptor_dataset(i.descriptor): i for i in c.list_flights(b"", opts)}
+    assert HOME_DATASET in infos, sorted(infos)
+    assert FEDERATION in infos, f"eu_diabetes is not listed at the home node: {sorted(infos)}"
+    info = infos[FEDERATION]
+    meta = json.loads(info.app_metadata)
+    assert meta["federation"] == FEDERATION and sorted(meta["nodes"]) == sorted(PERMITTED), meta
+    union = {c for s in SPECS if s.permit for c in released_columns(s)}
+    assert set(info.schema.names) == union, (info.schema.names, union)
+    # Under a purpose nobody permits, the federated dataset is not listed (nor its parts).
+    with fed.home_client() as (c, _):
+        other = options(key=None if fed.tls else fed.home.key(TRAINER), purpose="research/marketing")
+        names = [descriptor_dataset(i.descriptor) for i in c.list_flights(b"", other)]
+    assert FEDERATION not in names, names
 
 
 def test_path_descriptor_names_the_federated_dataset(fed: Federation):
