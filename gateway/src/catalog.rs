@@ -456,7 +456,8 @@ pub async fn plan_for(
                     .map(|v| SessionContext::new_with_config(session_config()).parse_sql_expr(filter, &v))
                 {
                     Ok(Err(visible_err)) => visible_err.strip_backtrace(),
-                    _ => format!("{}", e.strip_backtrace())
+                    _ => e
+                        .strip_backtrace()
                         .lines()
                         .next()
                         .unwrap_or_default()
