@@ -99,6 +99,8 @@ async fn gather(
     let mut schemas = Vec::new();
     let mut sources = Vec::new();
     let mut failures = Vec::new();
+    // Every node found the request itself invalid (a bad filter or aggregate): say so as such.
+    let mut invalid = true;
     if let Some(local) = node.snapshot().federated_dataset(&name).filter(|l| *l != name) {
         let local_cmd = DataCommand {
             dataset: local,
@@ -111,7 +113,10 @@ async fn gather(
                     sources.push(Source::Local(planned.df));
                 }
             }
-            Err(e) => failures.push(format!("{}: {}", node.node_id(), e.public_message())),
+            Err(e) => {
+                invalid &= e.status() == crate::error::StatusClass::InvalidArgument;
+                failures.push(format!("{}: {}", node.node_id(), e.public_message()));
+            }
         }
     }
     let timeout = Duration::from_secs(node.federation.peer_timeout_secs.max(1));
@@ -154,9 +159,21 @@ async fn gather(
                 }
             }
             (Err((kind, _)), _) if kind == "absent" => {}
-            (Err((kind, reason)), _) => failures.push(format!("{} {kind}: {reason}", peer.node_id)),
-            (_, Err(e)) => failures.push(format!("{}: {e}", peer.node_id)),
+            (Err((kind, reason)), _) => {
+                invalid &= kind == "refused";
+                failures.push(format!("{} {kind}: {reason}", peer.node_id));
+            }
+            (_, Err(e)) => {
+                invalid = false;
+                failures.push(format!("{}: {e}", peer.node_id));
+            }
         }
+    }
+    if !failures.is_empty() && invalid {
+        return Err(Error::invalid(
+            format!("every node refused the request on `{name}`: {}", failures.join("; ")),
+            "correct the query (each node names what it could not use)",
+        ));
     }
     if !failures.is_empty() {
         return Err(Error::PermissionDenied {

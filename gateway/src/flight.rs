@@ -313,7 +313,11 @@ impl FlightHandler {
                     schemas.push(planned.schema.as_ref().clone());
                 }
                 Err(e) => {
-                    status.status = "denied".into();
+                    status.status = match e.status() {
+                        crate::error::StatusClass::InvalidArgument => "refused",
+                        _ => "denied",
+                    }
+                    .into();
                     status.reason = Some(e.public_message());
                 }
             }
@@ -399,7 +403,9 @@ impl FlightHandler {
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            let e = if failed.iter().any(|n| n.status == "denied" || n.status == "refused") {
+            let e = if failed.iter().all(|n| n.status == "refused") {
+                Error::invalid(message, "correct the request (each node names what it could not use)")
+            } else if failed.iter().any(|n| n.status == "denied" || n.status == "refused") {
                 Error::PermissionDenied {
                     reason: format!("{message}; pass \"on_partial\": \"skip\" to proceed without them"),
                 }

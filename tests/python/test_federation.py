@@ -66,7 +66,7 @@ ORG = "dkfz"
 FEDERATED_PRINCIPAL = f"{TRAINER}@{HOME}"   # how peers name it in their audit
 STEWARD = "steward-fr"                      # steward of aphp, the controller of every node's demo data
 ASSERTION_HEADER = "x-passerelle-assertion"
-STATUSES = ("ok", "denied", "unavailable")
+STATUSES = ("ok", "denied", "refused", "unavailable")
 # A peer that is down must be reported at once (connection refused on loopback), not after the RPC deadline.
 DOWN_PEER_DEADLINE = 20.0
 # Peer health may be probed periodically: allow some time for /api/v1/peers to notice a change.
@@ -654,6 +654,17 @@ def test_home_lists_the_federated_datasets_each_node_shows(fed: Federation):
         other = options(key=None if fed.tls else fed.home.key(TRAINER), purpose="research/marketing")
         names = [descriptor_dataset(i.descriptor) for i in c.list_flights(b"", other)]
     assert FEDERATION not in names, names
+
+
+def test_a_request_every_node_finds_invalid_is_invalid_argument(fed: Federation, agg_parts):
+    """A federated aggregate over a column no part has: every node refuses the request itself (not the caller), so
+    the answer is INVALID_ARGUMENT naming each node, not PERMISSION_DENIED."""
+    bad = {"measures": [{"func": "sum", "column": "no_such_column"}]}
+    descriptor = flight.FlightDescriptor.for_command(json.dumps({"dataset": AGG_FEDERATION, "aggregate": bad}).encode())
+    with fed.home_client() as (c, opts):
+        message = expect_status("INVALID_ARGUMENT", lambda: c.get_flight_info(descriptor, opts))
+    assert "no_such_column" in message and "gw-fr" in message and "gw-de" in message, message
+    assert "full_name" not in message, message
 
 
 def test_path_descriptor_names_the_federated_dataset(fed: Federation):
