@@ -39,11 +39,10 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use datafusion::prelude::DataFrame;
 use futures::{StreamExt, TryStreamExt};
 use passerelle_policies::{Principal, Purpose};
-use tonic::metadata::MetadataValue;
 
 use crate::catalog::{self, AggregateSpec, DataCommand, Measure, MeasureFn};
 use crate::error::{Error, Result};
-use crate::federation::{ASSERTION_HEADER, ClientTls, Peer, ask_peer, peer_schema};
+use crate::federation::{ClientTls, Peer, ask_peer, on_behalf, peer_schema};
 use crate::node::Node;
 
 /// A federated dataset as a table.
@@ -377,16 +376,7 @@ async fn open(source: Source) -> DfResult<futures::stream::BoxStream<'static, Df
             let mut client = crate::federation::connect(&peer, tls.as_ref(), timeout)
                 .await
                 .map_err(unavailable)?;
-            let mut req = tonic::Request::new(ticket);
-            let md = req.metadata_mut();
-            md.insert(
-                crate::flight::PURPOSE_HEADER,
-                MetadataValue::try_from(purpose.as_str()).map_err(|_| unavailable("bad purpose".into()))?,
-            );
-            md.insert(
-                ASSERTION_HEADER,
-                MetadataValue::try_from(assertion.as_str()).map_err(|_| unavailable("bad assertion".into()))?,
-            );
+            let req = on_behalf(ticket, &purpose, &assertion).map_err(|(_, why)| unavailable(why))?;
             let node_id = peer.node_id.clone();
             let data = client
                 .do_get(req)

@@ -348,7 +348,7 @@ pub async fn ask_peer(
     assertion: &str,
 ) -> std::result::Result<FlightInfo, (String, String)> {
     let mut client = connect(peer, tls, timeout).await.map_err(unavailable)?;
-    let req = peer_request(command, purpose, assertion)?;
+    let req = on_behalf(FlightDescriptor::new_cmd(command.to_string()), purpose, assertion)?;
     client
         .get_flight_info(req)
         .await
@@ -367,7 +367,7 @@ pub async fn peer_schema(
     assertion: &str,
 ) -> std::result::Result<arrow::datatypes::Schema, (String, String)> {
     let mut client = connect(peer, tls, timeout).await.map_err(unavailable)?;
-    let req = peer_request(command, purpose, assertion)?;
+    let req = on_behalf(FlightDescriptor::new_cmd(command.to_string()), purpose, assertion)?;
     let result = client.get_schema(req).await.map_err(peer_refusal)?.into_inner();
     arrow::datatypes::Schema::try_from(&result).map_err(|e| unavailable(format!("unreadable schema: {e}")))
 }
@@ -376,12 +376,13 @@ fn unavailable(why: String) -> (String, String) {
     ("unavailable".to_string(), why)
 }
 
-fn peer_request(
-    command: &serde_json::Value,
+/// `message` for a peer, on the principal's behalf: the declared purpose and the assertion.
+pub fn on_behalf<T>(
+    message: T,
     purpose: &str,
     assertion: &str,
-) -> std::result::Result<tonic::Request<FlightDescriptor>, (String, String)> {
-    let mut req = tonic::Request::new(FlightDescriptor::new_cmd(command.to_string()));
+) -> std::result::Result<tonic::Request<T>, (String, String)> {
+    let mut req = tonic::Request::new(message);
     let md = req.metadata_mut();
     md.insert(
         crate::flight::PURPOSE_HEADER,
@@ -454,19 +455,11 @@ pub async fn peer_federations(
 ) -> std::result::Result<Vec<FederationPart>, (String, String)> {
     let ask = async {
         let mut client = connect(peer, tls, timeout).await.map_err(unavailable)?;
-        let mut req = tonic::Request::new(arrow_flight::Action {
+        let action = arrow_flight::Action {
             r#type: FEDERATIONS_ACTION.into(),
             body: Default::default(),
-        });
-        let md = req.metadata_mut();
-        md.insert(
-            crate::flight::PURPOSE_HEADER,
-            MetadataValue::try_from(purpose).map_err(|_| unavailable("bad purpose".into()))?,
-        );
-        md.insert(
-            ASSERTION_HEADER,
-            MetadataValue::try_from(assertion).map_err(|_| unavailable("bad assertion".into()))?,
-        );
+        };
+        let req = on_behalf(action, purpose, assertion)?;
         let mut stream = client.do_action(req).await.map_err(peer_refusal)?.into_inner();
         let first = futures::StreamExt::next(&mut stream)
             .await

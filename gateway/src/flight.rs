@@ -206,6 +206,17 @@ impl FlightHandler {
         caller(&self.node, md)
     }
 
+    /// The authenticated caller; a failed authentication is audited as `action`.
+    async fn caller_audited(&self, md: &MetadataMap, action: audit::Action) -> Result<Caller> {
+        match self.caller(md) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                self.audit(md, None, action, None, Err(&e), true).await?;
+                Err(e)
+            }
+        }
+    }
+
     /// Appends an audit entry for a plain Flight request.
     async fn audit(
         &self,
@@ -920,14 +931,7 @@ impl FlightService for FlightHandler {
         request: Request<Criteria>,
     ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
         let md = request.metadata().clone();
-        let caller = match self.caller(&md) {
-            Ok(c) => c,
-            Err(e) => {
-                self.audit(&md, None, audit::Action::ListFlights, None, Err(&e), true)
-                    .await?;
-                return Err(e.into());
-            }
-        };
+        let caller = self.caller_audited(&md, audit::Action::ListFlights).await?;
         if caller.federated.is_some() {
             let e = Error::PermissionDenied {
                 reason: "a peer's principal asks its home node for the federated datasets it may use".into(),
@@ -1185,14 +1189,7 @@ impl FlightService for FlightHandler {
             }
             crate::federation::FEDERATIONS_ACTION => {
                 let md = request.metadata().clone();
-                let caller = match self.caller(&md) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.audit(&md, None, audit::Action::ListFlights, None, Err(&e), true)
-                            .await?;
-                        return Err(e.into());
-                    }
-                };
+                let caller = self.caller_audited(&md, audit::Action::ListFlights).await?;
                 let parts = self
                     .local_federations(&caller)
                     .await

@@ -1186,31 +1186,39 @@ AGG_FLOOR = 25      # gw-fr's min_group_size for its aggregates-only part
 AGG_NODES = {"gw-fr": "agg_fr", "gw-de": "agg_de"}
 
 
+def register_aggregable_part(node: FedNode, name: str, federation: str, columns: dict[str, Any] | None = None,
+                             aggregates_only: bool = False) -> None:
+    """`node`'s demo manifest as `name` in `federation` (optionally released as aggregates only with the floor
+    AGG_FLOOR, and with column classes replaced), registered by the steward with dkfz's permit; returns once
+    trainer-de may aggregate it there."""
+    manifest = manifest_json(node.gw, name)
+    manifest["member_state"] = node.spec.member_state
+    manifest["federation"] = federation
+    if aggregates_only:
+        manifest["release"] = "aggregates"
+        manifest["min_group_size"] = AGG_FLOOR
+    manifest["columns"].update(columns or {})
+    steward = node.key(STEWARD)
+    resp = node.rest("POST", "/api/v1/datasets", key=steward, body=manifest)
+    assert resp.status in (200, 201), resp.text[:500]
+    resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": ORG, "purpose": PURPOSE})
+    assert resp.status in (200, 201), resp.text[:500]
+
+    def permitted():
+        try:
+            return local_aggregate(node, name, {"measures": [{"func": "count"}]}).num_rows == 1
+        except flight.FlightError:
+            return False
+
+    poll_until(permitted, what=f"trainer-de may aggregate {name} at {node.node_id}")
+
+
 @pytest.fixture(scope="module")
 def agg_parts(fed: Federation) -> None:
     """`eu_agg`: gw-fr's part is released as aggregates only (groups under AGG_FLOOR rows suppressed), gw-de's as
     rows; dkfz holds a permit at both."""
     for node_id, name in AGG_NODES.items():
-        node = fed.nodes[node_id]
-        manifest = manifest_json(node.gw, name)
-        manifest["member_state"] = node.spec.member_state
-        manifest["federation"] = AGG_FEDERATION
-        if node_id == "gw-fr":
-            manifest["release"] = "aggregates"
-            manifest["min_group_size"] = AGG_FLOOR
-        steward = node.key(STEWARD)
-        resp = node.rest("POST", "/api/v1/datasets", key=steward, body=manifest)
-        assert resp.status in (200, 201), resp.text[:500]
-        resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": ORG, "purpose": PURPOSE})
-        assert resp.status in (200, 201), resp.text[:500]
-
-        def permitted(node=node, name=name):
-            try:
-                return local_aggregate(node, name, {"measures": [{"func": "count"}]}).num_rows == 1
-            except flight.FlightError:
-                return False
-
-        poll_until(permitted, what=f"trainer-de may aggregate {name} at {node_id}")
+        register_aggregable_part(fed.nodes[node_id], name, AGG_FEDERATION, aggregates_only=node_id == "gw-fr")
 
 
 def local_aggregate(node: FedNode, dataset: str, aggregate: dict[str, Any], filter: str | None = None) -> pa.Table:

@@ -22,7 +22,8 @@ import pyarrow.flight as flight
 import pytest
 
 from test_federation import (AGG_FEDERATION, AGG_FLOOR, ORG, PURPOSE, SQL_FEDERATION, STEWARD, Federation,  # noqa: F401
-                             adbc_home, agg_parts, fed, local_aggregate, manifest_json, poll_until, sql, sql_parts)
+                             adbc_home, agg_parts, fed, local_aggregate, manifest_json, poll_until,
+                             register_aggregable_part, sql, sql_parts)
 from test_flight_sql import parse_adbc_error
 
 NULL_FEDERATION = "eu_null"
@@ -110,29 +111,10 @@ def select(group_by: list[str], federation: str, where: str | None) -> str:
 def null_parts(fed: Federation) -> None:
     """`eu_null`: gw-fr's part is aggregates-only (floor AGG_FLOOR) with `diagnosis` and `hba1c` nullified (every
     gw-fr row falls in the NULL diagnosis group, with no hba1c); gw-de's is the demo manifest (rows)."""
+    nullified = {"diagnosis": {"class": "sensitive", "mask": "nullify"}, "hba1c": {"class": "sensitive", "mask": "nullify"}}
     for node_id, name in NULL_NODES.items():
-        node = fed.nodes[node_id]
-        manifest = manifest_json(node.gw, name)
-        manifest["member_state"] = node.spec.member_state
-        manifest["federation"] = NULL_FEDERATION
-        if node_id == "gw-fr":
-            manifest["release"] = "aggregates"
-            manifest["min_group_size"] = AGG_FLOOR
-            manifest["columns"]["diagnosis"] = {"class": "sensitive", "mask": "nullify"}
-            manifest["columns"]["hba1c"] = {"class": "sensitive", "mask": "nullify"}
-        steward = node.key(STEWARD)
-        resp = node.rest("POST", "/api/v1/datasets", key=steward, body=manifest)
-        assert resp.status in (200, 201), resp.text[:500]
-        resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": ORG, "purpose": PURPOSE})
-        assert resp.status in (200, 201), resp.text[:500]
-
-        def permitted(node=node, name=name):
-            try:
-                return local_aggregate(node, name, {"measures": [{"func": "count"}]}).num_rows == 1
-            except flight.FlightError:
-                return False
-
-        poll_until(permitted, what=f"trainer-de may aggregate {name} at {node_id}")
+        fr = node_id == "gw-fr"
+        register_aggregable_part(fed.nodes[node_id], name, NULL_FEDERATION, nullified if fr else None, aggregates_only=fr)
 
 
 # ======================================================================================================================
