@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod provider;
 pub mod pseudonymise;
 pub mod release;
+mod sha256x4;
 pub mod stream;
 
 pub use exec::EnforceExec;

@@ -9,17 +9,22 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
+use arrow::array::{Array, ArrayRef, AsArray, StringArray};
+use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Int32Type, Int64Type};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::enforce::sha256x4::compress4;
 use crate::error::{Error, Result};
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of MAC kept per pseudonym (128 bits, 32 hex characters).
 pub const PSEUDONYM_BYTES: usize = 16;
+
+/// Characters of one pseudonym.
+const HEX_LEN: usize = PSEUDONYM_BYTES * 2;
 
 /// Types [`Pseudonymiser::apply`] accepts.
 pub fn is_pseudonymisable(dt: &DataType) -> bool {
@@ -55,13 +60,6 @@ const SHA256_IV: [u32; 8] = [
     0x5be0_cd19,
 ];
 
-fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
-    sha2::compress256(
-        state,
-        std::slice::from_ref(sha2::digest::generic_array::GenericArray::from_slice(block)),
-    );
-}
-
 /// The state after one key block XORed with `pad` (HMAC's ipad/opad; the key is 32 bytes).
 fn padded_state(key: &[u8], pad: u8) -> [u32; 8] {
     let mut block = [pad; 64];
@@ -69,13 +67,148 @@ fn padded_state(key: &[u8], pad: u8) -> [u32; 8] {
         *b ^= k;
     }
     let mut state = SHA256_IV;
-    compress(&mut state, &block);
+    sha2::compress256(
+        &mut state,
+        std::slice::from_ref(sha2::digest::generic_array::GenericArray::from_slice(&block)),
+    );
     state
+}
+
+/// Pads `block`, zero but for its first `len` (at most 55) bytes, the message after one key
+/// block, into SHA-256's final block. (Byte stores rather than `copy_from_slice`: a libc call per
+/// value cost more than the copy here.)
+#[inline(always)]
+fn pad(block: &mut [u8; 64], len: usize) {
+    block[len] = 0x80;
+    // The message is 64 + len <= 119 bytes: its bit length fits the last two bytes.
+    let bits = (64 + len as u16) * 8;
+    block[62] = (bits >> 8) as u8;
+    block[63] = bits as u8;
+}
+
+/// Copies `value` (at most 55 bytes) to the start of `block`, eight bytes at a time.
+#[inline(always)]
+fn copy_short(block: &mut [u8; 64], value: &[u8]) {
+    let mut at = 0;
+    while at + 8 <= value.len() {
+        if let (Ok(dst), Ok(src)) = (
+            <&mut [u8; 8]>::try_from(&mut block[at..at + 8]),
+            <[u8; 8]>::try_from(&value[at..at + 8]),
+        ) {
+            *dst = src;
+        }
+        at += 8;
+    }
+    while at < value.len() {
+        block[at] = value[at];
+        at += 1;
+    }
+}
+
+/// Writes the decimal text of `v` at the start of `block` (the canonical form integers are
+/// pseudonymised in, so `123` and `"123"` agree) and returns its length (at most 20).
+#[inline(always)]
+fn decimal(block: &mut [u8; 64], v: i64) -> usize {
+    let mut u = v.unsigned_abs();
+    let sign = usize::from(v < 0);
+    block[0] = b'-';
+    let len = sign + u.checked_ilog10().map_or(1, |d| d as usize + 1);
+    let mut i = len;
+    while u >= 100 {
+        let r = (u % 100) as usize;
+        u /= 100;
+        i -= 2;
+        block[i] = b'0' + (r / 10) as u8;
+        block[i + 1] = b'0' + (r % 10) as u8;
+    }
+    if u >= 10 {
+        i -= 2;
+        block[i] = b'0' + (u / 10) as u8;
+        block[i + 1] = b'0' + (u % 10) as u8;
+    } else {
+        block[i - 1] = b'0' + u as u8;
+    }
+    len
 }
 
 impl std::fmt::Debug for Pseudonymiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Pseudonymiser { .. }")
+    }
+}
+
+/// Up to four short values waiting for their HMACs, computed four at a time (see
+/// [`compress4`]) and written as hex into their rows' slots of the output values.
+struct Lanes<'a> {
+    p: &'a Pseudonymiser,
+    out: &'a mut [[u8; HEX_LEN]],
+    blocks: [[u8; 64]; 4],
+    slots: [usize; 4],
+    len: usize,
+}
+
+impl Lanes<'_> {
+    #[inline(always)]
+    fn push_bytes(&mut self, value: &[u8], slot: usize) {
+        if value.len() > ONE_BLOCK {
+            let mut m = self.p.keyed.clone();
+            m.update(value);
+            let tag: [u8; 32] = m.finalize().into_bytes().into();
+            let mut words = [0u32; 8];
+            for (w, c) in words.iter_mut().zip(tag.chunks_exact(4)) {
+                *w = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            self.p.hex(&words, &mut self.out[slot]);
+            return;
+        }
+        let block = &mut self.blocks[self.len];
+        *block = [0; 64];
+        copy_short(block, value);
+        pad(block, value.len());
+        self.queued(slot);
+    }
+
+    #[inline(always)]
+    fn push_int(&mut self, value: i64, slot: usize) {
+        let block = &mut self.blocks[self.len];
+        *block = [0; 64];
+        let len = decimal(block, value);
+        pad(block, len);
+        self.queued(slot);
+    }
+
+    #[inline(always)]
+    fn queued(&mut self, slot: usize) {
+        self.slots[self.len] = slot;
+        self.len += 1;
+        if self.len == 4 {
+            self.flush();
+        }
+    }
+
+    /// Finishes the waiting values (lanes past `len` hash stale blocks; their results are unused).
+    #[inline(always)]
+    fn flush(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        let mut states = [self.p.inner; 4];
+        compress4(&mut states, &self.blocks);
+        // The outer message: opad block, then the 32-byte inner digest.
+        for (block, state) in self.blocks.iter_mut().zip(&states) {
+            *block = [0; 64];
+            for (i, word) in state.iter().enumerate() {
+                let b = word.to_be_bytes();
+                (block[4 * i], block[4 * i + 1], block[4 * i + 2], block[4 * i + 3]) = (b[0], b[1], b[2], b[3]);
+            }
+            pad(block, 32);
+        }
+        let mut states = [self.p.outer; 4];
+        compress4(&mut states, &self.blocks);
+        for (state, slot) in states.iter().zip(self.slots).take(self.len) {
+            self.p.hex(state, &mut self.out[slot]);
+        }
+        self.len = 0;
     }
 }
 
@@ -100,102 +233,107 @@ impl Pseudonymiser {
         }
     }
 
-    /// HMAC-SHA256 of a value of at most [`ONE_BLOCK`] bytes, from the precomputed pad states:
-    /// the same tag as the `hmac` crate, in two compressions.
-    #[inline]
-    fn short_tag(&self, bytes: &[u8]) -> [u8; 32] {
-        let mut block = [0u8; 64];
-        block[..bytes.len()].copy_from_slice(bytes);
-        block[bytes.len()] = 0x80;
-        block[56..].copy_from_slice(&((64 + bytes.len() as u64) * 8).to_be_bytes());
-        let mut inner = self.inner;
-        compress(&mut inner, &block);
-        let mut block = [0u8; 64];
-        for (chunk, word) in block[..32].chunks_exact_mut(4).zip(inner) {
-            chunk.copy_from_slice(&word.to_be_bytes());
-        }
-        block[32] = 0x80;
-        block[56..].copy_from_slice(&((64u64 + 32) * 8).to_be_bytes());
-        let mut outer = self.outer;
-        compress(&mut outer, &block);
-        let mut tag = [0u8; 32];
-        for (chunk, word) in tag.chunks_exact_mut(4).zip(outer) {
-            chunk.copy_from_slice(&word.to_be_bytes());
-        }
-        tag
-    }
-
-    #[inline]
-    fn one(&self, bytes: &[u8], out: &mut [u8; PSEUDONYM_BYTES * 2]) {
-        let tag: [u8; 32] = if bytes.len() <= ONE_BLOCK {
-            self.short_tag(bytes)
-        } else {
-            let mut m = self.keyed.clone();
-            m.update(bytes);
-            m.finalize().into_bytes().into()
-        };
+    /// `hex(key_version || tag[..15])`, the tag given as SHA-256's big-endian state words.
+    #[inline(always)]
+    fn hex(&self, tag: &[u32; 8], out: &mut [u8; HEX_LEN]) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let bytes = std::iter::once(&self.key_version).chain(tag[..PSEUDONYM_BYTES - 1].iter());
-        for (i, b) in bytes.enumerate() {
-            out[2 * i] = HEX[(b >> 4) as usize];
-            out[2 * i + 1] = HEX[(b & 15) as usize];
+        let mut bytes = [0u8; PSEUDONYM_BYTES];
+        bytes[0] = self.key_version;
+        for i in 0..PSEUDONYM_BYTES - 1 {
+            bytes[i + 1] = (tag[i / 4] >> (24 - 8 * (i % 4))) as u8;
+        }
+        for i in 0..PSEUDONYM_BYTES {
+            out[2 * i] = HEX[(bytes[i] >> 4) as usize];
+            out[2 * i + 1] = HEX[(bytes[i] & 15) as usize];
         }
     }
 
     /// Pseudonymises a column into a Utf8 column of 32-character hex strings; nulls stay null.
+    ///
+    /// Values are hashed four at a time and written straight into the result's value buffer:
+    /// every pseudonym has the same length, so each row's place is known up front.
     pub fn apply(&self, col: &ArrayRef) -> Result<ArrayRef> {
-        let mut out = StringBuilder::with_capacity(col.len(), col.len() * PSEUDONYM_BYTES * 2);
-        let mut hex = [0u8; PSEUDONYM_BYTES * 2];
-        let mut push = |v: Option<&[u8]>, out: &mut StringBuilder| match v {
-            None => out.append_null(),
-            Some(b) => {
-                self.one(b, &mut hex);
-                out.append_value(std::str::from_utf8(&hex).unwrap_or_default());
-            }
+        if let DataType::Dictionary(_, _) = col.data_type() {
+            // Pseudonymise the (small) dictionary once, then expand through the keys.
+            let dict = col.as_any_dictionary();
+            let values = self.apply(dict.values())?;
+            let expanded = arrow::compute::take(
+                values.as_ref(),
+                &arrow::compute::cast(dict.keys(), &DataType::UInt32)?,
+                None,
+            )?;
+            return Ok(expanded);
+        }
+        let nulls = col.nulls().cloned();
+        let valid = col.len() - nulls.as_ref().map_or(0, |n| n.null_count());
+        if valid.saturating_mul(HEX_LEN) > i32::MAX as usize {
+            return Err(Error::Unsupported {
+                what: format!("pseudonymising {valid} values in one batch (at most 67,108,863)"),
+            });
+        }
+        let mut values = vec![[0u8; HEX_LEN]; valid];
+        let mut offsets = Vec::with_capacity(col.len() + 1);
+        offsets.push(0i32);
+        let mut lanes = Lanes {
+            p: self,
+            out: &mut values,
+            blocks: [[0; 64]; 4],
+            slots: [0; 4],
+            len: 0,
         };
+        let offsets_out = &mut offsets;
         match col.data_type() {
-            DataType::Int64 => {
-                let mut buf = itoa::Buffer::new();
-                for v in col.as_primitive::<Int64Type>() {
-                    push(v.map(|v| buf.format(v).as_bytes()), &mut out);
-                }
-            }
-            DataType::Int32 => {
-                let mut buf = itoa::Buffer::new();
-                for v in col.as_primitive::<Int32Type>() {
-                    push(v.map(|v| buf.format(v).as_bytes()), &mut out);
-                }
-            }
-            DataType::Utf8 => col
-                .as_string::<i32>()
-                .iter()
-                .for_each(|v| push(v.map(str::as_bytes), &mut out)),
-            DataType::LargeUtf8 => col
-                .as_string::<i64>()
-                .iter()
-                .for_each(|v| push(v.map(str::as_bytes), &mut out)),
-            DataType::Utf8View => col
-                .as_string_view()
-                .iter()
-                .for_each(|v| push(v.map(str::as_bytes), &mut out)),
-            DataType::Dictionary(_, _) => {
-                // Pseudonymise the (small) dictionary once, then expand through the keys.
-                let dict = col.as_any_dictionary();
-                let values = self.apply(dict.values())?;
-                let expanded = arrow::compute::take(
-                    values.as_ref(),
-                    &arrow::compute::cast(dict.keys(), &DataType::UInt32)?,
-                    None,
-                )?;
-                return Ok(expanded);
-            }
+            DataType::Int64 => queue(
+                col.as_primitive::<Int64Type>(),
+                &mut lanes,
+                offsets_out,
+                |l, v, slot| l.push_int(v, slot),
+            ),
+            DataType::Int32 => queue(
+                col.as_primitive::<Int32Type>(),
+                &mut lanes,
+                offsets_out,
+                |l, v, slot| l.push_int(i64::from(v), slot),
+            ),
+            DataType::Utf8 => queue(col.as_string::<i32>(), &mut lanes, offsets_out, |l, v: &str, slot| {
+                l.push_bytes(v.as_bytes(), slot)
+            }),
+            DataType::LargeUtf8 => queue(col.as_string::<i64>(), &mut lanes, offsets_out, |l, v: &str, slot| {
+                l.push_bytes(v.as_bytes(), slot)
+            }),
+            DataType::Utf8View => queue(col.as_string_view(), &mut lanes, offsets_out, |l, v: &str, slot| {
+                l.push_bytes(v.as_bytes(), slot)
+            }),
             other => {
                 return Err(Error::Unsupported {
                     what: format!("pseudonymising a column of type {other}"),
                 });
             }
         }
-        Ok(Arc::new(out.finish()))
+        lanes.flush();
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
+        let values = Buffer::from_vec(values.into_flattened());
+        Ok(Arc::new(StringArray::try_new(offsets, values, nulls)?))
+    }
+}
+
+/// Queues every valid value of `values` in row order (the i-th valid value takes output slot i)
+/// and records where each row's text ends; a null row ends where it starts.
+#[inline(always)]
+fn queue<T>(
+    values: impl IntoIterator<Item = Option<T>>,
+    lanes: &mut Lanes<'_>,
+    offsets: &mut Vec<i32>,
+    push: impl Fn(&mut Lanes<'_>, T, usize),
+) {
+    let mut next = 0usize;
+    for v in values {
+        if let Some(v) = v {
+            push(lanes, v, next);
+            next += 1;
+        }
+        // Cannot truncate: next * HEX_LEN <= valid * HEX_LEN <= i32::MAX (checked by `apply`).
+        offsets.push((next * HEX_LEN) as i32);
     }
 }
 
@@ -208,29 +346,91 @@ fn keyed_zero() -> HmacSha256 {
 mod tests {
     use super::*;
 
+    /// Every length around the one-block limit, nulls between values so that groups of four
+    /// straddle them, and every group fill from 1 to 4: each pseudonym equals the `hmac` crate's.
     #[test]
-    fn the_two_compression_path_equals_hmac_for_every_length() {
+    fn four_lane_pseudonyms_equal_hmac_for_every_length() {
         for master in [&b"master"[..], &[0u8; 100][..], b""] {
             let p = Pseudonymiser::for_recipient_versioned(master, 3, "dkfz");
+            let mut values: Vec<Option<String>> = Vec::new();
             for len in 0..=ONE_BLOCK + 20 {
-                for fill in [0u8, 0x80, 0xff, 0x36] {
-                    let value: Vec<u8> = (0..len).map(|i| fill ^ (i as u8).wrapping_mul(31)).collect();
-                    let mut reference = p.keyed.clone();
-                    reference.update(&value);
-                    let expected: [u8; 32] = reference.finalize().into_bytes().into();
-                    if len <= ONE_BLOCK {
-                        assert_eq!(p.short_tag(&value), expected, "length {len}");
+                for fill in [b'a', b'~', b'0', b'Z', b'6'] {
+                    values.push(Some((0..len).map(|i| (fill ^ (i as u8 % 7)) as char).collect()));
+                    if (len + fill as usize).is_multiple_of(3) {
+                        values.push(None);
                     }
-                    let mut hex = [0u8; PSEUDONYM_BYTES * 2];
-                    p.one(&value, &mut hex);
+                }
+                values.push(Some("\u{e9}t\u{e9}-\u{1f600}".repeat(len % 9)));
+            }
+            for n in [0, 1, 2, 3, 4, 5, 7, 9, values.len()] {
+                let col: ArrayRef = Arc::new(StringArray::from(values[..n].to_vec()));
+                let got = p.apply(&col).unwrap();
+                let got = got.as_string::<i32>();
+                assert_eq!(got.len(), n);
+                for (i, v) in values[..n].iter().enumerate() {
+                    let Some(v) = v else {
+                        assert!(got.is_null(i));
+                        continue;
+                    };
+                    let mut reference = p.keyed.clone();
+                    reference.update(v.as_bytes());
+                    let expected: [u8; 32] = reference.finalize().into_bytes().into();
                     let want: String = std::iter::once(3u8)
                         .chain(expected[..PSEUDONYM_BYTES - 1].iter().copied())
                         .map(|b| format!("{b:02x}"))
                         .collect();
-                    assert_eq!(std::str::from_utf8(&hex).unwrap(), want, "length {len}");
+                    assert_eq!(got.value(i), want, "value {v:?}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn decimal_text_equals_to_string_at_every_digit_boundary() {
+        let mut cases = vec![0, 1, -1, i64::MIN, i64::MAX, i64::MIN + 1];
+        let mut p = 1i64;
+        while let Some(next) = p.checked_mul(10) {
+            cases.extend([p - 1, p, p + 1, -p + 1, -p, -p - 1]);
+            p = next;
+        }
+        cases.extend([p - 1, p, p + 1, -p]);
+        for v in cases {
+            let mut block = [0xAAu8; 64];
+            let len = decimal(&mut block, v);
+            assert_eq!(std::str::from_utf8(&block[..len]).unwrap(), v.to_string());
+        }
+    }
+
+    #[test]
+    fn every_string_layout_and_integers_agree() {
+        let p = Pseudonymiser::for_recipient(b"master", "dkfz");
+        let ids: Vec<Option<i64>> = (0..37).map(|i| (i % 5 != 0).then_some(i * 1_000_003 - 7)).collect();
+        let text: Vec<Option<String>> = ids.iter().map(|v| v.map(|v| v.to_string())).collect();
+        let from_i64 = p.apply(&(Arc::new(Int64Array::from(ids.clone())) as ArrayRef)).unwrap();
+        let layouts: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(text.clone())),
+            Arc::new(arrow::array::LargeStringArray::from(text.clone())),
+            Arc::new(arrow::array::StringViewArray::from(text.clone())),
+        ];
+        for col in layouts {
+            assert_eq!(
+                p.apply(&col).unwrap().as_ref(),
+                from_i64.as_ref(),
+                "{}",
+                col.data_type()
+            );
+        }
+        let small: Vec<Option<i32>> = ids.iter().map(|v| v.map(|v| v as i32)).collect();
+        let from_i32 = p
+            .apply(&(Arc::new(arrow::array::Int32Array::from(small)) as ArrayRef))
+            .unwrap();
+        assert_eq!(from_i32.as_ref(), from_i64.as_ref());
+        // A sliced array keeps its own offsets and nulls.
+        let sliced = Arc::new(Int64Array::from(ids)).slice(3, 20);
+        assert_eq!(
+            p.apply(&(Arc::new(sliced) as ArrayRef)).unwrap().as_ref(),
+            from_i64.slice(3, 20).as_ref()
+        );
     }
     use arrow::array::{DictionaryArray, Int64Array, StringArray};
     use arrow::datatypes::Int8Type;
