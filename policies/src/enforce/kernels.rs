@@ -76,9 +76,48 @@ pub fn generalise(col: &ArrayRef, rule: Generalisation) -> Result<ArrayRef> {
 }
 
 /// Days since the epoch of the first day of the year or month containing `days`.
+#[inline]
 fn truncate_days(days: i64, to_year: bool) -> i64 {
+    if to_year && let Some(start) = year_start_fast(days) {
+        return start;
+    }
     let (y, m, _) = civil_from_days(days);
     days_from_civil(y, if to_year { 1 } else { m }, 1)
+}
+
+/// Years covered by [`YEAR_STARTS`]: every date of birth, admission or event a dataset holds.
+const FIRST_YEAR: i64 = 1600;
+const YEARS: usize = 1001;
+
+/// Days since the epoch of 1 January of `FIRST_YEAR + i`, built at compile time: with it,
+/// truncation to the year is an estimate and one or two comparisons instead of the civil
+/// calendar's chain of divisions (the bulk of a `generalise = "year"` column's cost).
+const YEAR_STARTS: [i64; YEARS] = {
+    let mut t = [0i64; YEARS];
+    let mut i = 0;
+    while i < YEARS {
+        t[i] = days_from_civil(FIRST_YEAR + i as i64, 1, 1);
+        i += 1;
+    }
+    t
+};
+
+/// 1 January of the year containing `days`, for days strictly inside the table; `None` outside.
+#[inline]
+fn year_start_fast(days: i64) -> Option<i64> {
+    if days <= YEAR_STARTS[1] || days >= YEAR_STARTS[YEARS - 1] {
+        return None;
+    }
+    // 400 Gregorian years are exactly 146,097 days, so this estimate is off by at most one year.
+    let i = ((days - YEAR_STARTS[0]) * 400 / 146_097) as usize;
+    let i = i.clamp(1, YEARS - 2);
+    Some(if YEAR_STARTS[i + 1] <= days {
+        YEAR_STARTS[i + 1]
+    } else if YEAR_STARTS[i] <= days {
+        YEAR_STARTS[i]
+    } else {
+        YEAR_STARTS[i - 1]
+    })
 }
 
 // Howard Hinnant's civil calendar algorithms (proleptic Gregorian), exact for all i64 days in range.
@@ -95,12 +134,12 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+const fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let m = m as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
@@ -237,6 +276,17 @@ fn numeric_map(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn year_table_equals_the_civil_calendar_for_every_day() {
+        let exact = |d: i64| days_from_civil(civil_from_days(d).0, 1, 1);
+        for d in YEAR_STARTS[0] - 2_000..YEAR_STARTS[YEARS - 1] + 2_000 {
+            assert_eq!(truncate_days(d, true), exact(d), "day {d}");
+        }
+        for d in [i64::from(i32::MIN), i64::from(i32::MAX), -1, 0, 1] {
+            assert_eq!(truncate_days(d, true), exact(d), "day {d}");
+        }
+    }
     use crate::classification::LegalBasis;
     use crate::consent::index::KeyKind;
     use crate::consent::{ConsentEvent, ConsentIndex};
