@@ -624,93 +624,17 @@ impl FlightHandler {
         Ok(info)
     }
 
-    /// This node's parts of federated datasets that the caller may use for its purpose, each
-    /// with the part's post-policy schema.
-    async fn local_federations(&self, caller: &Caller) -> Vec<(String, arrow::datatypes::Schema)> {
-        let snap = self.node.snapshot();
-        let mut out = Vec::new();
-        for m in snap.datasets.values() {
-            let Some(federation) = m.federation.clone() else {
-                continue;
-            };
-            let cmd = DataCommand {
-                dataset: m.name.to_string(),
-                ..Default::default()
-            };
-            if let Ok(p) = catalog::plan_for(&self.node, &caller.principal, &caller.purpose, &cmd, true).await {
-                out.push((federation, p.schema.as_ref().clone()));
-            }
-        }
-        out
-    }
-
-    /// The federated datasets this node's principal may use for its purpose: this node's parts
-    /// and what each peer shows (each peer decides on its own, for that principal). A peer that
-    /// does not answer is left out of the listing; `app_metadata` names the nodes that showed
-    /// each dataset.
+    /// The federated datasets the caller may use, as ListFlights entries: `app_metadata` names
+    /// the nodes that showed each dataset.
     async fn federated_listing(&self, caller: &Caller) -> Result<Vec<FlightInfo>> {
-        use std::collections::BTreeMap;
-        let mut found: BTreeMap<String, (Vec<arrow::datatypes::Schema>, Vec<String>)> = BTreeMap::new();
-        let snap = self.node.snapshot();
-        for (federation, schema) in self.local_federations(caller).await {
-            let entry = found.entry(federation).or_default();
-            entry.0.push(schema);
-            entry.1.push(self.node.node_id().to_string());
-        }
-        let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
-        let purpose = caller.purpose.to_string();
-        let asks = self.node.peers.iter().map(|peer| {
-            let assertion = self.node.assert_for(peer, &caller.principal, &purpose);
-            let (purpose, tls) = (&purpose, self.node.client_tls.as_ref());
-            async move {
-                match assertion {
-                    Ok(a) => (
-                        peer,
-                        crate::federation::peer_federations(peer, tls, timeout, purpose, &a).await,
-                    ),
-                    Err(e) => (peer, Err(("unavailable".to_string(), e.to_string()))),
-                }
-            }
-        });
-        for (peer, answer) in futures::future::join_all(asks).await {
-            match answer {
-                Ok(parts) => {
-                    for part in parts {
-                        match part.decode_schema() {
-                            Ok(schema) => {
-                                let entry = found.entry(part.federation).or_default();
-                                entry.0.push(schema);
-                                entry.1.push(peer.node_id.clone());
-                            }
-                            Err(e) => tracing::warn!(peer = %peer.node_id, error = %e, "unreadable federated schema"),
-                        }
-                    }
-                }
-                Err((status, reason)) => {
-                    tracing::debug!(peer = %peer.node_id, %status, %reason, "peer left out of the listing")
-                }
-            }
-        }
         let mut infos = Vec::new();
-        for (name, (schemas, nodes)) in found {
-            if snap.datasets.contains_key(&name) {
-                continue;
-            }
-            let Ok(merged) = arrow::datatypes::Schema::try_merge(schemas) else {
-                tracing::warn!(federation = %name, "parts disagree on column types; not listed");
-                continue;
-            };
-            let fields: Vec<arrow::datatypes::Field> = merged
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone().with_nullable(true))
-                .collect();
-            let metadata = serde_json::json!({ "federation": name, "nodes": nodes });
+        for listed in federated_datasets(&self.node, caller).await {
+            let metadata = serde_json::json!({ "federation": listed.name, "nodes": listed.nodes });
             infos.push(
                 FlightInfo::new()
-                    .try_with_schema(&arrow::datatypes::Schema::new(fields))
+                    .try_with_schema(&listed.schema)
                     .map_err(|e| Error::Internal(format!("encode schema: {e}")))?
-                    .with_descriptor(FlightDescriptor::new_path(vec![name]))
+                    .with_descriptor(FlightDescriptor::new_path(vec![listed.name]))
                     .with_total_records(-1)
                     .with_ordered(false)
                     .with_app_metadata(metadata.to_string().into_bytes()),
@@ -742,6 +666,105 @@ impl FlightHandler {
             })
             .collect()
     }
+}
+
+/// This node's parts of federated datasets that the caller may use for its purpose, each
+/// with the part's post-policy schema.
+async fn local_federations(node: &Arc<Node>, caller: &Caller) -> Vec<(String, arrow::datatypes::Schema)> {
+    let snap = node.snapshot();
+    let mut out = Vec::new();
+    for m in snap.datasets.values() {
+        let Some(federation) = m.federation.clone() else {
+            continue;
+        };
+        let cmd = DataCommand {
+            dataset: m.name.to_string(),
+            ..Default::default()
+        };
+        if let Ok(p) = catalog::plan_for(node, &caller.principal, &caller.purpose, &cmd, true).await {
+            out.push((federation, p.schema.as_ref().clone()));
+        }
+    }
+    out
+}
+
+/// A federated dataset as the home node lists it.
+pub(crate) struct FederatedListing {
+    pub name: String,
+    /// The union of the schemas the nodes showed (every column nullable: a part may lack it).
+    pub schema: arrow::datatypes::Schema,
+    /// The nodes that showed it, this one first when it holds a part.
+    pub nodes: Vec<String>,
+}
+
+/// The federated datasets the caller may use for its purpose: this node's parts and what each
+/// peer shows (each peer decides on its own, for that principal). A peer that does not answer
+/// is left out; a name that is also a local dataset is not listed (the local one wins).
+/// ListFlights and Flight SQL's GetTables both list from here.
+pub(crate) async fn federated_datasets(node: &Arc<Node>, caller: &Caller) -> Vec<FederatedListing> {
+    use std::collections::BTreeMap;
+    let mut found: BTreeMap<String, (Vec<arrow::datatypes::Schema>, Vec<String>)> = BTreeMap::new();
+    let snap = node.snapshot();
+    for (federation, schema) in local_federations(node, caller).await {
+        let entry = found.entry(federation).or_default();
+        entry.0.push(schema);
+        entry.1.push(node.node_id().to_string());
+    }
+    let timeout = std::time::Duration::from_secs(node.federation.peer_timeout_secs.max(1));
+    let purpose = caller.purpose.to_string();
+    let asks = node.peers.iter().map(|peer| {
+        let assertion = node.assert_for(peer, &caller.principal, &purpose);
+        let (purpose, tls) = (&purpose, node.client_tls.as_ref());
+        async move {
+            match assertion {
+                Ok(a) => (
+                    peer,
+                    crate::federation::peer_federations(peer, tls, timeout, purpose, &a).await,
+                ),
+                Err(e) => (peer, Err(("unavailable".to_string(), e.to_string()))),
+            }
+        }
+    });
+    for (peer, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(parts) => {
+                for part in parts {
+                    match part.decode_schema() {
+                        Ok(schema) => {
+                            let entry = found.entry(part.federation).or_default();
+                            entry.0.push(schema);
+                            entry.1.push(peer.node_id.clone());
+                        }
+                        Err(e) => tracing::warn!(peer = %peer.node_id, error = %e, "unreadable federated schema"),
+                    }
+                }
+            }
+            Err((status, reason)) => {
+                tracing::debug!(peer = %peer.node_id, %status, %reason, "peer left out of the listing")
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (name, (schemas, nodes)) in found {
+        if snap.datasets.contains_key(&name) {
+            continue;
+        }
+        let Ok(merged) = arrow::datatypes::Schema::try_merge(schemas) else {
+            tracing::warn!(federation = %name, "parts disagree on column types; not listed");
+            continue;
+        };
+        let fields: Vec<arrow::datatypes::Field> = merged
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        out.push(FederatedListing {
+            name,
+            schema: arrow::datatypes::Schema::new(fields),
+            nodes,
+        });
+    }
+    out
 }
 
 /// Endpoints in the order `seed` gives (by their location and position), or as they are.
@@ -1190,8 +1213,7 @@ impl FlightService for FlightHandler {
             crate::federation::FEDERATIONS_ACTION => {
                 let md = request.metadata().clone();
                 let caller = self.caller_audited(&md, audit::Action::ListFlights).await?;
-                let parts = self
-                    .local_federations(&caller)
+                let parts = local_federations(&self.node, &caller)
                     .await
                     .into_iter()
                     .map(|(f, schema)| crate::federation::FederationPart::new(f, &schema))

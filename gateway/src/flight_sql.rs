@@ -385,10 +385,20 @@ impl SqlService {
             }
             listed += 1;
         }
+        // Federated datasets, as this node and its peers show them to the caller: queryable here
+        // by name, so SQL tools browsing the catalogue must see them too.
+        let mut federated = 0usize;
+        for f in crate::flight::federated_datasets(&self.node, &caller).await {
+            let schema = if include_schema { &f.schema } else { &empty };
+            builder
+                .append(CATALOG, SCHEMA, &f.name, "TABLE", schema)
+                .map_err(metadata_error)?;
+            federated += 1;
+        }
         let schema = builder.schema();
         let batch = builder.build().map_err(metadata_error)?;
         let target = Target::default();
-        let reason = format!("GetTables listed {listed} dataset(s)");
+        let reason = format!("GetTables listed {listed} dataset(s) and {federated} federated dataset(s)");
         record(&self.node, md, Some(&caller), action, &target, Ok(&reason), true).await?;
         Ok(batch_stream(schema, batch))
     }

@@ -1057,11 +1057,11 @@ def test_a_killed_peer_is_unavailable(fed: Federation, victim: str):
 SQL_FEDERATION = "eu_sql"
 
 
-def adbc_home(fed: Federation):
+def adbc_home(fed: Federation, purpose: str = PURPOSE):
     """ADBC (Flight SQL) to the home node as trainer-de: its bearer key (plain gRPC) or its client certificate (mTLS,
     trusting the CA bundle)."""
     import adbc_driver_flightsql.dbapi as flight_sql
-    kwargs = {"adbc.flight.sql.rpc.call_header.x-passerelle-purpose": PURPOSE}
+    kwargs = {"adbc.flight.sql.rpc.call_header.x-passerelle-purpose": purpose}
     if fed.tls:
         assert fed.pki is not None
         cert, key = fed.pki.identity(TRAINER)
@@ -1113,6 +1113,39 @@ def test_federated_sql_counts_every_part(fed: Federation, sql_parts):
         filtered = sql(conn, f"SELECT count(*) AS n FROM {SQL_FEDERATION} WHERE hba1c > 8").column("n")[0].as_py()
         assert 0 < filtered < sum(sql_parts.values())
         assert sum(groups.column("n").to_pylist()) == filtered
+
+
+def catalog_columns(conn) -> dict[str, list[str]]:
+    """Table name -> column names in order, from ADBC's get_objects (Flight SQL GetTables with schemas)."""
+    out = {}
+    for cat in conn.adbc_get_objects(depth="all").read_all().to_pylist():
+        for sch in cat["catalog_db_schemas"] or []:
+            for tab in sch["db_schema_tables"] or []:
+                cols = sorted(tab["table_columns"] or [], key=lambda col: col["ordinal_position"] or 0)
+                out[tab["table_name"]] = [col["column_name"] for col in cols]
+    return out
+
+
+def test_sql_catalogue_at_home_lists_the_federated_tables(fed: Federation, sql_parts):
+    """GetTables at the home node lists the federated datasets the nodes show trainer-de for the purpose, next to
+    its own datasets, with the union of the columns the nodes release (what a query over it returns); under a purpose nobody permits, neither the
+    federated datasets nor the parts are listed."""
+    with adbc_home(fed) as conn:
+        tables = catalog_columns(conn)
+        assert SQL_FEDERATION in tables and FEDERATION in tables and HOME_DATASET in tables, sorted(tables)
+        queried = sql(conn, f"SELECT * FROM {SQL_FEDERATION} LIMIT 0").schema.names
+        assert sorted(tables[SQL_FEDERATION]) == sorted(queried), (tables[SQL_FEDERATION], queried)
+        assert sorted(conn.adbc_get_table_schema(SQL_FEDERATION).names) == sorted(queried)
+        # eu_diabetes is listed as ListFlights lists it (gw-it, which refuses, does not show its part); a query
+        # over it fails naming gw-it (test_federated_sql_fails_naming_a_refusing_node).
+        union = {c for s in SPECS if s.permit for c in released_columns(s)}
+        assert set(tables[FEDERATION]) == union, (tables[FEDERATION], union)
+        only = conn.adbc_get_objects(depth="tables", table_name_filter=SQL_FEDERATION).read_all().to_pylist()
+        names = [t["table_name"] for c in only for s in c["catalog_db_schemas"] or [] for t in s["db_schema_tables"] or []]
+        assert names == [SQL_FEDERATION], names
+    with adbc_home(fed, purpose="research/marketing") as conn:
+        hidden = catalog_columns(conn)
+    assert not {SQL_FEDERATION, FEDERATION, HOME_DATASET} & set(hidden), sorted(hidden)
 
 
 def test_federated_sql_pushes_columns_and_filters_to_each_node(fed: Federation, sql_parts):

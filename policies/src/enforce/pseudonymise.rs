@@ -362,24 +362,35 @@ mod tests {
                 }
                 values.push(Some("\u{e9}t\u{e9}-\u{1f600}".repeat(len % 9)));
             }
-            for n in [0, 1, 2, 3, 4, 5, 7, 9, values.len()] {
-                let col: ArrayRef = Arc::new(StringArray::from(values[..n].to_vec()));
-                let got = p.apply(&col).unwrap();
-                let got = got.as_string::<i32>();
-                assert_eq!(got.len(), n);
-                for (i, v) in values[..n].iter().enumerate() {
-                    let Some(v) = v else {
-                        assert!(got.is_null(i));
-                        continue;
-                    };
-                    let mut reference = p.keyed.clone();
-                    reference.update(v.as_bytes());
-                    let expected: [u8; 32] = reference.finalize().into_bytes().into();
-                    let want: String = std::iter::once(3u8)
-                        .chain(expected[..PSEUDONYM_BYTES - 1].iter().copied())
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
-                    assert_eq!(got.value(i), want, "value {v:?}");
+            // Prefixes (every group fill), then slices (offset inputs), in every string layout.
+            let cuts = [0, 1, 2, 3, 4, 5, 7, 9, values.len()].map(|n| (0, n));
+            let slices = [(1, values.len() - 1), (3, 10), (6, values.len() - 9)];
+            for (from, n) in cuts.into_iter().chain(slices) {
+                let all = values.clone();
+                let layouts: [ArrayRef; 3] = [
+                    Arc::new(StringArray::from(all.clone())),
+                    Arc::new(arrow::array::LargeStringArray::from(all.clone())),
+                    Arc::new(arrow::array::StringViewArray::from(all)),
+                ];
+                for col in layouts {
+                    let col = col.slice(from, n);
+                    let got = p.apply(&col).unwrap();
+                    let got = got.as_string::<i32>();
+                    assert_eq!(got.len(), n);
+                    for (i, v) in values[from..from + n].iter().enumerate() {
+                        let Some(v) = v else {
+                            assert!(got.is_null(i));
+                            continue;
+                        };
+                        let mut reference = p.keyed.clone();
+                        reference.update(v.as_bytes());
+                        let expected: [u8; 32] = reference.finalize().into_bytes().into();
+                        let want: String = std::iter::once(3u8)
+                            .chain(expected[..PSEUDONYM_BYTES - 1].iter().copied())
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
+                        assert_eq!(got.value(i), want, "{} value {v:?}", col.data_type());
+                    }
                 }
             }
         }
@@ -404,7 +415,16 @@ mod tests {
     #[test]
     fn every_string_layout_and_integers_agree() {
         let p = Pseudonymiser::for_recipient(b"master", "dkfz");
-        let ids: Vec<Option<i64>> = (0..37).map(|i| (i % 5 != 0).then_some(i * 1_000_003 - 7)).collect();
+        let mut ids: Vec<Option<i64>> = (0..37).map(|i| (i % 5 != 0).then_some(i * 1_000_003 - 7)).collect();
+        ids.extend([
+            Some(-7),
+            Some(-1),
+            Some(0),
+            None,
+            Some(i64::MIN),
+            Some(i64::MAX),
+            Some(-123_456_789),
+        ]);
         let text: Vec<Option<String>> = ids.iter().map(|v| v.map(|v| v.to_string())).collect();
         let from_i64 = p.apply(&(Arc::new(Int64Array::from(ids.clone())) as ArrayRef)).unwrap();
         let layouts: Vec<ArrayRef> = vec![
@@ -420,11 +440,17 @@ mod tests {
                 col.data_type()
             );
         }
-        let small: Vec<Option<i32>> = ids.iter().map(|v| v.map(|v| v as i32)).collect();
+        let small: Vec<Option<i32>> = ids
+            .iter()
+            .map(|v| v.and_then(|v| i32::try_from(v).ok()))
+            .chain([Some(i32::MIN), Some(i32::MAX)])
+            .collect();
+        let wide: Vec<Option<i64>> = small.iter().map(|v| v.map(i64::from)).collect();
         let from_i32 = p
             .apply(&(Arc::new(arrow::array::Int32Array::from(small)) as ArrayRef))
             .unwrap();
-        assert_eq!(from_i32.as_ref(), from_i64.as_ref());
+        let from_wide = p.apply(&(Arc::new(Int64Array::from(wide)) as ArrayRef)).unwrap();
+        assert_eq!(from_i32.as_ref(), from_wide.as_ref());
         // A sliced array keeps its own offsets and nulls.
         let sliced = Arc::new(Int64Array::from(ids)).slice(3, 20);
         assert_eq!(
@@ -454,9 +480,14 @@ mod tests {
                 .bytes()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
-        let dict: DictionaryArray<Int8Type> = vec!["123", "7", "123"].into_iter().collect();
+        let dict: DictionaryArray<Int8Type> = vec![Some("123"), None, Some("7"), Some("123")].into_iter().collect();
         let pd = a.apply(&(Arc::new(dict) as ArrayRef)).unwrap();
-        assert_eq!(pd.as_string::<i32>().value(2), pa.value(0));
+        let pd = pd.as_string::<i32>();
+        assert_eq!(
+            (pd.value(0), pd.value(2), pd.value(3)),
+            (pa.value(0), pa.value(2), pa.value(0))
+        );
+        assert!(pd.is_null(1));
         // The key version leads, so a rotated key's pseudonyms are told apart.
         assert!(pa.value(0).starts_with("01"));
         let v2 = Pseudonymiser::for_recipient_versioned(b"master2", 2, "dkfz")
