@@ -5,7 +5,8 @@
 //! For random subject columns (Int64, Utf8 with unicode, dictionary; nulls and duplicates),
 //! random consent event sequences over a purpose tree (ties included), both legal bases and
 //! random batch splits, the rows the gate lets through are exactly the reference model's, hidden
-//! columns are never present, and pseudonyms are a function of the subject.
+//! columns are never present, and pseudonyms are the documented HMAC of the subject (computed
+//! here with the `hmac` crate alone).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,6 +51,22 @@ fn subject_text(kind: Kind, s: u8) -> String {
         // Unicode, and ids that differ only after a multi-byte character.
         Kind::Utf8 | Kind::Dict => format!("é{s}ü"),
     }
+}
+
+/// The documented pseudonym, computed with the `hmac` crate alone (not the gate's code):
+/// `hex(1 || HMAC-SHA256(k_org, text)[..15])`, `k_org = HMAC-SHA256(master, "passerelle/pseudonym/v1/" || org)`.
+fn reference_pseudonym(master: &[u8], org: &str, text: &str) -> String {
+    use hmac::{Hmac, Mac};
+    type H = Hmac<sha2::Sha256>;
+    let mut kdf = H::new_from_slice(master).unwrap();
+    kdf.update(format!("passerelle/pseudonym/v1/{org}").as_bytes());
+    let mut mac = H::new_from_slice(&kdf.finalize().into_bytes()).unwrap();
+    mac.update(text.as_bytes());
+    let tag = mac.finalize().into_bytes();
+    std::iter::once(1u8)
+        .chain(tag[..15].iter().copied())
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -262,6 +279,7 @@ proptest! {
                 got.push(r);
                 let s = case.rows[r as usize].unwrap();
                 let p = subjects.value(i).to_string();
+                prop_assert_eq!(&p, &reference_pseudonym(b"k", "org", &subject_text(case.kind, s)));
                 // One subject, one pseudonym; two subjects, two pseudonyms.
                 let first = pseudonym_of.entry(s).or_insert_with(|| p.clone());
                 prop_assert_eq!(&*first, &p);
