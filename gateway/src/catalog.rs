@@ -50,6 +50,12 @@ pub struct DataCommand {
     /// plain Flight, and how federated SQL pushes `GROUP BY` to each node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<AggregateSpec>,
+    /// Federated SQL: the federated dataset's columns (name to Arrow type, as `DataType` prints
+    /// it). Those this node does not send are added as typed nulls, never its raw values, so one
+    /// request (columns, filter, groups) fits every part, as a raw scan's missing columns are
+    /// null at the home node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_nulls: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `GROUP BY group_by` with `measures`, over the rows the gate and the filter let through.
@@ -237,6 +243,22 @@ impl DataCommand {
                 "send {\"rank\": r, \"world_size\": w}",
             ));
         }
+        if let Some(fill) = &cmd.fill_nulls {
+            if fill.len() > MAX_COLUMNS {
+                return Err(Error::invalid(
+                    format!("more than {MAX_COLUMNS} columns in `fill_nulls`"),
+                    COMMAND_HINT,
+                ));
+            }
+            for (name, ty) in fill {
+                if let Err(e) = ty.parse::<arrow::datatypes::DataType>() {
+                    return Err(Error::invalid(
+                        format!("`fill_nulls` gives column `{name}` the unknown type `{ty}`: {e}"),
+                        "write Arrow types as arrow's DataType prints them, e.g. Utf8 or Int64",
+                    ));
+                }
+            }
+        }
         if cmd.columns.as_ref().is_some_and(|c| c.len() > MAX_COLUMNS) {
             return Err(Error::invalid(
                 format!("more than {MAX_COLUMNS} columns requested"),
@@ -413,7 +435,20 @@ pub async fn plan_for(
             ),
         });
     }
+    // Columns of the federated dataset this node does not send: typed nulls (see `fill_nulls`).
+    let released = datafusion::catalog::TableProvider::schema(&table);
+    let filled: Vec<(String, arrow::datatypes::DataType)> = cmd
+        .fill_nulls
+        .iter()
+        .flatten()
+        .filter(|(name, _)| released.field_with_name(name).is_err())
+        .filter_map(|(name, ty)| ty.parse().ok().map(|ty| (name.clone(), ty)))
+        .collect();
+    let is_filled = |name: &str| filled.iter().any(|(n, _)| n == name);
     let check_column = |name: &str| -> Result<()> {
+        if is_filled(name) {
+            return Ok(());
+        }
         match policy.columns.get(name).map(|c| c.class) {
             None => Err(Error::invalid(
                 format!("dataset `{}` has no column `{name}`", cmd.dataset),
@@ -445,7 +480,13 @@ pub async fn plan_for(
     }
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
-        let raw_df_schema = DFSchema::try_from(raw_schema.as_ref().clone())?;
+        let mut raw_fields: Vec<arrow::datatypes::FieldRef> = raw_schema.fields().iter().cloned().collect();
+        for (name, ty) in &filled {
+            if raw_schema.field_with_name(name).is_err() {
+                raw_fields.push(Arc::new(arrow::datatypes::Field::new(name, ty.clone(), true)));
+            }
+        }
+        let raw_df_schema = DFSchema::try_from(arrow::datatypes::Schema::new(raw_fields))?;
         let expr = SessionContext::new_with_config(session_config())
             .parse_sql_expr(filter, &raw_df_schema)
             .map_err(|e| {
@@ -487,6 +528,19 @@ pub async fn plan_for(
             .target_partitions = 1;
     }
     let mut df = ctx.table(cmd.dataset.as_str()).await?;
+    if !filled.is_empty() {
+        use datafusion::common::{Column, ScalarValue};
+        use datafusion::prelude::{Expr, lit};
+        let mut exprs: Vec<Expr> = released
+            .fields()
+            .iter()
+            .map(|f| Expr::Column(Column::from_name(f.name())))
+            .collect();
+        for (name, ty) in &filled {
+            exprs.push(lit(ScalarValue::try_from(ty)?).alias(name));
+        }
+        df = df.select(exprs)?;
+    }
     if let Some(filter) = &cmd.filter {
         let expr = df.parse_sql_expr(filter).map_err(|e| {
             Error::invalid(
@@ -520,7 +574,15 @@ pub async fn plan_for(
         df,
         schema,
         counters,
-        reason,
+        reason: if filled.is_empty() {
+            reason
+        } else {
+            let names: Vec<&str> = filled.iter().map(|(n, _)| n.as_str()).collect();
+            format!(
+                "{reason}; not sent by this node, answered as nulls: {}",
+                names.join(", ")
+            )
+        },
         consent_version,
     })
 }

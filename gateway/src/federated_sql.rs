@@ -13,6 +13,7 @@
 //! a raw scan of it is refused, naming the node. A group below a node's floor is missing from
 //! that node's partials only: totals then count the groups each node may release.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,7 +171,11 @@ async fn gather(
     }
     if !failures.is_empty() && invalid {
         return Err(Error::invalid(
-            format!("every node refused the request on `{name}`: {}", failures.join("; ")),
+            format!(
+                "{} refused the request on `{name}`: {}",
+                if schemas.is_empty() { "every node" } else { "a node" },
+                failures.join("; ")
+            ),
             "correct the query (each node names what it could not use)",
         ));
     }
@@ -192,6 +197,17 @@ async fn gather(
         )
     })?;
     Ok((nullable(&merged), sources))
+}
+
+/// Every column of the federated table with its type, sent with each request so that a node
+/// that does not send a column answers with nulls in it: the same rows, groups and filter
+/// results as if the home node had filled the column in after a raw scan.
+fn fill_nulls(schema: &Schema) -> BTreeMap<String, String> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .collect()
 }
 
 /// A column one node withholds (or a group a node lacks) is null in that node's rows.
@@ -296,6 +312,7 @@ impl TableProvider for FederatedTable {
             dataset: self.name.clone(),
             columns,
             filter: filter_sql(filters),
+            fill_nulls: Some(fill_nulls(&self.schema)),
             ..Default::default()
         };
         let (_, sources) = gather(&self.node, &self.principal, &self.purpose, cmd, Ask::Data)
@@ -423,6 +440,8 @@ pub struct FederatedAggregate {
     name: String,
     filter: Option<String>,
     spec: AggregateSpec,
+    /// The federated table's columns, for `fill_nulls`.
+    fill: BTreeMap<String, String>,
     schema: SchemaRef,
 }
 
@@ -451,6 +470,7 @@ impl TableProvider for FederatedAggregate {
             dataset: self.name.clone(),
             filter: self.filter.clone(),
             aggregate: Some(self.spec.clone()),
+            fill_nulls: Some(self.fill.clone()),
             ..Default::default()
         };
         let (_, sources) = gather(&self.node, &self.principal, &self.purpose, cmd, Ask::Data)
@@ -617,6 +637,7 @@ fn pushed(agg: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         name: table.name.clone(),
         filter,
         spec,
+        fill: fill_nulls(&table.schema),
         schema: partial_schema,
     });
     // Combine per group: sums of the partial counts and sums, min of mins, max of maxes.
@@ -680,4 +701,38 @@ fn has_subquery(e: &Expr) -> bool {
         ))
     })
     .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{DataType, TimeUnit};
+
+    /// Nodes parse the types `fill_nulls` prints: every type a part may have comes back whole.
+    #[test]
+    fn fill_nulls_types_round_trip() {
+        let types = [
+            DataType::Utf8,
+            DataType::LargeUtf8,
+            DataType::Utf8View,
+            DataType::Int64,
+            DataType::Float64,
+            DataType::Boolean,
+            DataType::Date32,
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            DataType::Timestamp(TimeUnit::Nanosecond, Some("Europe/Paris".into())),
+            DataType::Decimal128(12, 3),
+            DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+        ];
+        let fields: Vec<Field> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Field::new(format!("c{i}"), t.clone(), true))
+            .collect();
+        let fill = fill_nulls(&Schema::new(fields));
+        for (i, t) in types.iter().enumerate() {
+            let printed = &fill[&format!("c{i}")];
+            assert_eq!(&printed.parse::<DataType>().unwrap(), t, "{printed}");
+        }
+    }
 }

@@ -661,6 +661,7 @@ impl FlightHandler {
                     part: cmd.parts.map(|n| (k, n)),
                     skip: 0,
                     aggregate: cmd.aggregate.clone(),
+                    fill_nulls: cmd.fill_nulls.clone(),
                     ..self.node.claims_for(&caller.principal)
                 })
             })
@@ -1105,6 +1106,7 @@ impl FlightService for FlightHandler {
             limit: claims.limit,
             parts: claims.part.map(|(_, n)| n),
             aggregate: claims.aggregate.clone(),
+            fill_nulls: claims.fill_nulls.clone(),
             ..Default::default()
         };
         let mismatch = if claims.principal != caller.principal.name {

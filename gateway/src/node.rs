@@ -595,6 +595,7 @@ impl Node {
             part: None,
             skip: 0,
             aggregate: None,
+            fill_nulls: None,
         }
     }
 

@@ -72,6 +72,9 @@ pub struct TicketClaims {
     /// Summaries per group instead of rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<crate::catalog::AggregateSpec>,
+    /// Columns added as typed nulls (federated SQL; see `DataCommand::fill_nulls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_nulls: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -174,6 +177,7 @@ mod tests {
             part: None,
             skip: 0,
             aggregate: None,
+            fill_nulls: None,
         }
     }
 

@@ -53,6 +53,7 @@ fn claims(principal: String, filter: Option<String>, columns: Option<Vec<String>
         part: None,
         skip: 0,
         aggregate: None,
+        fill_nulls: None,
     }
 }
 

@@ -1148,6 +1148,58 @@ def test_sql_catalogue_at_home_lists_the_federated_tables(fed: Federation, sql_p
     assert not {SQL_FEDERATION, FEDERATION, HOME_DATASET} & set(hidden), sorted(hidden)
 
 
+MIXED_FEDERATION = "eu_mixed"
+MIXED_NODES = {"gw-fr": "mixed_fr", "gw-de": "mixed_de"}
+
+
+@pytest.fixture(scope="module")
+def mixed_parts(fed: Federation) -> dict[str, int]:
+    """`eu_mixed`: gw-fr drops `postcode` from its part, gw-de releases it (as its 2-character prefix). Returns the
+    rows each part releases to trainer-de."""
+    counts = {}
+    for node_id, name in MIXED_NODES.items():
+        node = fed.nodes[node_id]
+        drop = {"postcode": {"class": "quasi-identifier", "mask": "drop"}} if node_id == "gw-fr" else None
+        register_aggregable_part(node, name, MIXED_FEDERATION, columns=drop)
+        counts[node_id] = local_aggregate(node, name, {"measures": [{"func": "count"}]}).column(0)[0].as_py()
+    return counts
+
+
+def test_federated_sql_over_parts_releasing_different_columns(fed: Federation, mixed_parts):
+    """A column one node withholds is null in that node's rows, in SQL as in plain Flight: selecting it, filtering on
+    it, grouping by it and summarising it work over every part, and gw-fr never sees a request naming it."""
+    fr, de = mixed_parts["gw-fr"], mixed_parts["gw-de"]
+    since = datetime.now(timezone.utc).isoformat()
+    with adbc_home(fed) as conn:
+        rows = sql(conn, f"SELECT postcode, diagnosis FROM {MIXED_FEDERATION}")
+        assert rows.num_rows == fr + de
+        assert rows.column("postcode").null_count == fr
+        everything = sql(conn, f"SELECT * FROM {MIXED_FEDERATION}")
+        assert everything.num_rows == fr + de and "postcode" in everything.schema.names
+        assert sql(conn, f"SELECT count(*) AS n FROM {MIXED_FEDERATION} WHERE postcode IS NULL").column("n")[0].as_py() == fr
+        some = sql(conn, f"SELECT count(*) AS n FROM {MIXED_FEDERATION} WHERE postcode = '75' OR diagnosis = 'E11'")
+        expected = sql(conn, f"SELECT count(*) AS n FROM (SELECT postcode, diagnosis FROM {MIXED_FEDERATION}) "
+                             f"WHERE postcode = '75' OR diagnosis = 'E11'")
+        assert some.column("n")[0].as_py() == expected.column("n")[0].as_py()
+        groups = sql(conn, f"SELECT postcode, count(*) AS n, count(postcode) AS c FROM {MIXED_FEDERATION} GROUP BY postcode")
+        by_key = {r["postcode"]: (r["n"], r["c"]) for r in groups.to_pylist()}
+        assert sum(n for n, _ in by_key.values()) == fr + de
+        assert by_key.get(None, (0, 0))[0] == fr and by_key.get(None, (0, 0))[1] == 0, by_key
+        reference = Counter(rows.column("postcode").to_pylist())
+        assert {k: n for k, (n, _) in by_key.items()} == dict(reference)
+        per_diag = sql(conn, f"SELECT diagnosis, count(postcode) AS c, min(postcode) AS lo FROM {MIXED_FEDERATION} "
+                             f"WHERE postcode IS NOT NULL OR hba1c > 7 GROUP BY diagnosis")
+        ref = sql(conn, f"SELECT diagnosis, count(postcode) AS c, min(postcode) AS lo FROM "
+                        f"(SELECT diagnosis, postcode, hba1c FROM {MIXED_FEDERATION} LIMIT 100000000) "
+                        f"WHERE postcode IS NOT NULL OR hba1c > 7 GROUP BY diagnosis")
+        assert sorted(per_diag.to_pylist(), key=str) == sorted(ref.to_pylist(), key=str)
+    # The GROUP BY travelled as an aggregate to gw-fr too, which read (and audited) only columns it releases.
+    gets = [e for e in audit_entries(fed.nodes["gw-fr"], FEDERATED_PRINCIPAL, since=since)
+            if e["action"] == "do_get" and (e.get("statement") or "").startswith("GROUP BY postcode")]
+    assert len(gets) == 1 and gets[0]["rows_sent"] == 1, gets
+    assert "not sent by this node, answered as nulls: postcode" in gets[0]["reason"], gets
+
+
 def test_federated_sql_pushes_columns_and_filters_to_each_node(fed: Federation, sql_parts):
     since = datetime.now(timezone.utc).isoformat()
     with adbc_home(fed) as conn:

@@ -4,6 +4,8 @@ model, pseudonyms, and the JSON command (columns, filter, limit)."""
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 from collections import Counter
 from datetime import date
 
@@ -249,6 +251,33 @@ def test_filter_on_a_generalised_column_sees_the_released_value(gateway: Gateway
                   command_descriptor(columns=["birth_date"], filter=flt_year))
     expected = sum(1 for r in reference.consented_rows(PURPOSE) if r["birth_date"] and r["birth_date"].year == year)
     assert result.table.num_rows == expected > 0
+
+
+def fill_nulls_descriptor(fill: dict[str, str], **command: Any) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps({"dataset": DATASET, "fill_nulls": fill, **command}).encode())
+
+
+def test_fill_nulls_never_reaches_a_hidden_columns_values(gateway: Gateway, client, reference: Reference):
+    """`fill_nulls` (what federated SQL sends each node) adds columns the node does not send as nulls: naming the
+    hidden direct identifier `full_name` there gives nulls, and a filter on it sees only nulls (never the raw names:
+    no row matches a name that exists, every consented row is NULL); a column the node sends keeps its values."""
+    opts = call_options(gateway.keys["trainer-de"])
+    consented = reference.consented_rows(PURPOSE)
+    some_name = next(r["full_name"] for r in consented if r["full_name"])
+    fill = {"full_name": "Utf8", "diagnosis": "Int64"}
+    result = pull(client, opts, fill_nulls_descriptor(fill, columns=["full_name", "diagnosis"]))
+    assert result.table.num_rows == len(consented)
+    assert result.table.column("full_name").null_count == len(consented)
+    assert Counter(result.table.column("diagnosis").to_pylist()) == Counter(r["diagnosis"] for r in consented)
+    for flt, rows in ((f"full_name = '{some_name}'", 0), ("full_name IS NOT NULL", 0),
+                      (f"full_name LIKE '{some_name[:1]}%'", 0), ("full_name IS NULL", len(consented))):
+        got = pull(client, opts, fill_nulls_descriptor(fill, columns=["diagnosis"], filter=flt)).table.num_rows
+        assert got == rows, (flt, got)
+    grouped = pull(client, opts, fill_nulls_descriptor(
+        fill, aggregate={"group_by": ["full_name"], "measures": [{"func": "count"}, {"func": "count", "column": "full_name"}]}))
+    assert grouped.table.to_pylist() == [{"full_name": None, "count(*)": len(consented), "count(full_name)": 0}]
+    with pytest.raises(pa.ArrowInvalid, match="`fill_nulls` gives column `x` the unknown type `NotAType`"):
+        pull(client, opts, fill_nulls_descriptor({"x": "NotAType"}))
 
 
 @pytest.mark.parametrize("limit", [1, 10, 137])
