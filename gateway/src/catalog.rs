@@ -58,6 +58,69 @@ pub struct DataCommand {
     pub fill_nulls: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// Longest column name or type string `fill_nulls` accepts.
+const MAX_FILL_TEXT: usize = 256;
+
+/// The type `fill_nulls` gives `name`: a flat Arrow type only (no nesting, no fixed-size or
+/// dictionary layout), so that neither parsing it nor building its null column can exhaust the
+/// stack or memory, whatever a caller sends.
+pub fn fill_type(name: &str, ty: &str) -> Result<arrow::datatypes::DataType> {
+    use arrow::datatypes::DataType as T;
+    let hint = "name each column by its flat Arrow type as arrow prints it, e.g. Utf8, Int64, Date32";
+    if name.is_empty() || name.len() > MAX_FILL_TEXT || name.starts_with("__passerelle") {
+        return Err(Error::invalid(
+            format!(
+                "`fill_nulls` names a column `{}` that cannot be filled",
+                name.chars().take(64).collect::<String>()
+            ),
+            hint,
+        ));
+    }
+    let bad = |why: String| Error::invalid(format!("`fill_nulls` gives column `{name}` {why}"), hint);
+    if ty.len() > MAX_FILL_TEXT {
+        return Err(bad(format!("a type longer than {MAX_FILL_TEXT} bytes")));
+    }
+    let parsed: T = ty.parse().map_err(|e| bad(format!("the unknown type `{ty}`: {e}")))?;
+    let flat = matches!(
+        parsed,
+        T::Null
+            | T::Boolean
+            | T::Int8
+            | T::Int16
+            | T::Int32
+            | T::Int64
+            | T::UInt8
+            | T::UInt16
+            | T::UInt32
+            | T::UInt64
+            | T::Float16
+            | T::Float32
+            | T::Float64
+            | T::Utf8
+            | T::LargeUtf8
+            | T::Utf8View
+            | T::Binary
+            | T::LargeBinary
+            | T::BinaryView
+            | T::Date32
+            | T::Date64
+            | T::Time32(_)
+            | T::Time64(_)
+            | T::Timestamp(_, _)
+            | T::Duration(_)
+            | T::Interval(_)
+            | T::Decimal32(_, _)
+            | T::Decimal64(_, _)
+            | T::Decimal128(_, _)
+            | T::Decimal256(_, _)
+    );
+    if flat {
+        Ok(parsed)
+    } else {
+        Err(bad(format!("the type `{ty}`, which is not a flat type")))
+    }
+}
+
 /// `GROUP BY group_by` with `measures`, over the rows the gate and the filter let through.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,12 +314,7 @@ impl DataCommand {
                 ));
             }
             for (name, ty) in fill {
-                if let Err(e) = ty.parse::<arrow::datatypes::DataType>() {
-                    return Err(Error::invalid(
-                        format!("`fill_nulls` gives column `{name}` the unknown type `{ty}`: {e}"),
-                        "write Arrow types as arrow's DataType prints them, e.g. Utf8 or Int64",
-                    ));
-                }
+                fill_type(name, ty)?;
             }
         }
         if cmd.columns.as_ref().is_some_and(|c| c.len() > MAX_COLUMNS) {
@@ -436,14 +494,20 @@ pub async fn plan_for(
         });
     }
     // Columns of the federated dataset this node does not send: typed nulls (see `fill_nulls`).
+    // A name equal to a released column's qualified name would stand for that column in
+    // DataFusion's rewrites: never filled.
     let released = datafusion::catalog::TableProvider::schema(&table);
-    let filled: Vec<(String, arrow::datatypes::DataType)> = cmd
-        .fill_nulls
-        .iter()
-        .flatten()
-        .filter(|(name, _)| released.field_with_name(name).is_err())
-        .filter_map(|(name, ty)| ty.parse().ok().map(|ty| (name.clone(), ty)))
-        .collect();
+    let shadows = |name: &str| {
+        name.strip_prefix(cmd.dataset.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|c| released.field_with_name(c).is_ok())
+    };
+    let mut filled: Vec<(String, arrow::datatypes::DataType)> = Vec::new();
+    for (name, ty) in cmd.fill_nulls.iter().flatten() {
+        if released.field_with_name(name).is_err() && !shadows(name) {
+            filled.push((name.clone(), fill_type(name, ty)?));
+        }
+    }
     let is_filled = |name: &str| filled.iter().any(|(n, _)| n == name);
     let check_column = |name: &str| -> Result<()> {
         if is_filled(name) {
@@ -480,11 +544,16 @@ pub async fn plan_for(
     }
     if let Some(filter) = &cmd.filter {
         // Name the hidden columns a filter refers to before planning it against the guarded table.
-        let mut raw_fields: Vec<arrow::datatypes::FieldRef> = raw_schema.fields().iter().cloned().collect();
+        // Filled names take their filled type here too: how the filter parses must not depend
+        // on the type of a raw column the caller may not see.
+        let mut raw_fields: Vec<arrow::datatypes::FieldRef> = raw_schema
+            .fields()
+            .iter()
+            .filter(|f| !is_filled(f.name()))
+            .cloned()
+            .collect();
         for (name, ty) in &filled {
-            if raw_schema.field_with_name(name).is_err() {
-                raw_fields.push(Arc::new(arrow::datatypes::Field::new(name, ty.clone(), true)));
-            }
+            raw_fields.push(Arc::new(arrow::datatypes::Field::new(name, ty.clone(), true)));
         }
         let raw_df_schema = DFSchema::try_from(arrow::datatypes::Schema::new(raw_fields))?;
         let expr = SessionContext::new_with_config(session_config())
@@ -577,9 +646,15 @@ pub async fn plan_for(
         reason: if filled.is_empty() {
             reason
         } else {
-            let names: Vec<&str> = filled.iter().map(|(n, _)| n.as_str()).collect();
+            let names: Vec<&str> = filled.iter().map(|(n, _)| n.as_str()).take(8).collect();
+            let more = filled.len() - names.len();
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
             format!(
-                "{reason}; not sent by this node, answered as nulls: {}",
+                "{reason}; not sent by this node, answered as nulls: {}{more}",
                 names.join(", ")
             )
         },

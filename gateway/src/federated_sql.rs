@@ -199,14 +199,33 @@ async fn gather(
     Ok((nullable(&merged), sources))
 }
 
-/// Every column of the federated table with its type, sent with each request so that a node
-/// that does not send a column answers with nulls in it: the same rows, groups and filter
-/// results as if the home node had filled the column in after a raw scan.
-fn fill_nulls(schema: &Schema) -> BTreeMap<String, String> {
-    schema
-        .fields()
+/// The columns of the federated table a request uses (`names`), with their types, sent with it
+/// so that a node that does not send one answers with nulls in it: the same rows, groups and
+/// filter results as if the home node had filled the column in after a raw scan. Only the
+/// columns used travel (peers learn nothing of the rest), and only flat types
+/// ([`catalog::fill_type`]; a dictionary as its value type): a node asked for another
+/// column it lacks refuses the request, naming it.
+fn fill_nulls(schema: &Schema, names: impl IntoIterator<Item = String>) -> BTreeMap<String, String> {
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let field = schema.field_with_name(&name).ok()?;
+            let ty = match field.data_type() {
+                DataType::Dictionary(_, v) => v.as_ref().clone(),
+                other => other.clone(),
+            }
+            .to_string();
+            catalog::fill_type(&name, &ty).ok()?;
+            Some((name, ty))
+        })
+        .collect()
+}
+
+/// Names of the columns `exprs` refer to.
+fn referenced(exprs: &[Expr]) -> Vec<String> {
+    exprs
         .iter()
-        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .flat_map(|e| e.column_refs().into_iter().map(|c| c.name.clone()).collect::<Vec<_>>())
         .collect()
 }
 
@@ -308,11 +327,15 @@ impl TableProvider for FederatedTable {
         let columns = projection
             .filter(|p| !p.is_empty())
             .map(|p| p.iter().map(|&i| self.schema.field(i).name().clone()).collect());
+        let fill = fill_nulls(
+            &self.schema,
+            columns.iter().flatten().cloned().chain(referenced(filters)),
+        );
         let cmd = DataCommand {
             dataset: self.name.clone(),
             columns,
             filter: filter_sql(filters),
-            fill_nulls: Some(fill_nulls(&self.schema)),
+            fill_nulls: Some(fill),
             ..Default::default()
         };
         let (_, sources) = gather(&self.node, &self.principal, &self.purpose, cmd, Ask::Data)
@@ -630,6 +653,7 @@ fn pushed(agg: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         .aggregate(groups.clone(), exprs)?
         .build()?;
     let partial_schema = nullable(typed.schema().as_arrow());
+    let fill = fill_nulls(&table.schema, referenced(&filters).into_iter().chain(spec.columns()));
     let provider = Arc::new(FederatedAggregate {
         node: Arc::clone(&table.node),
         principal: table.principal.clone(),
@@ -637,7 +661,7 @@ fn pushed(agg: &Aggregate) -> DfResult<Option<LogicalPlan>> {
         name: table.name.clone(),
         filter,
         spec,
-        fill: fill_nulls(&table.schema),
+        fill,
         schema: partial_schema,
     });
     // Combine per group: sums of the partial counts and sums, min of mins, max of maxes.
@@ -708,7 +732,7 @@ mod tests {
     use super::*;
     use arrow::datatypes::{DataType, TimeUnit};
 
-    /// Nodes parse the types `fill_nulls` prints: every type a part may have comes back whole.
+    /// Nodes parse the types `fill_nulls` prints: every flat type comes back whole.
     #[test]
     fn fill_nulls_types_round_trip() {
         let types = [
@@ -729,10 +753,23 @@ mod tests {
             .enumerate()
             .map(|(i, t)| Field::new(format!("c{i}"), t.clone(), true))
             .collect();
-        let fill = fill_nulls(&Schema::new(fields));
+        let schema = Schema::new(fields);
+        let fill = fill_nulls(&schema, schema.fields().iter().map(|f| f.name().clone()));
+        assert_eq!(fill.len(), types.len());
         for (i, t) in types.iter().enumerate() {
             let printed = &fill[&format!("c{i}")];
-            assert_eq!(&printed.parse::<DataType>().unwrap(), t, "{printed}");
+            let want = match t {
+                DataType::Dictionary(_, v) => v.as_ref(),
+                t => t,
+            };
+            assert_eq!(&printed.parse::<DataType>().unwrap(), want, "{printed}");
         }
+        // Nested types and unknown names do not travel.
+        let nested = Schema::new(vec![Field::new_list(
+            "l",
+            Field::new_list_field(DataType::Int64, true),
+            true,
+        )]);
+        assert!(fill_nulls(&nested, ["l".to_string(), "nowhere".to_string()]).is_empty());
     }
 }

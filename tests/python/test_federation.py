@@ -1306,11 +1306,14 @@ def agg_parts(fed: Federation) -> None:
         register_aggregable_part(fed.nodes[node_id], name, AGG_FEDERATION, aggregates_only=node_id == "gw-fr")
 
 
-def local_aggregate(node: FedNode, dataset: str, aggregate: dict[str, Any], filter: str | None = None) -> pa.Table:
+def local_aggregate(node: FedNode, dataset: str, aggregate: dict[str, Any], filter: str | None = None,
+                    fill_nulls: dict[str, str] | None = None) -> pa.Table:
     """A plain Flight aggregate command at `node` by its own trainer-de."""
     command: dict[str, Any] = {"dataset": dataset, "aggregate": aggregate}
     if filter is not None:
         command["filter"] = filter
+    if fill_nulls is not None:
+        command["fill_nulls"] = fill_nulls
     c = node.connect()
     try:
         opts = node.local_options(TRAINER)
@@ -1349,6 +1352,20 @@ def test_an_aggregates_part_answers_a_federated_group_by(fed: Federation, agg_pa
         n, total, counted = expected[r["diagnosis"]]
         assert r["n"] == n and r["s"] == pytest.approx(total, rel=1e-9), (r, expected[r["diagnosis"]])
         assert r["a"] == pytest.approx(total / counted, rel=1e-9), r
+
+
+def test_an_aggregates_part_answers_with_columns_it_does_not_send_as_nulls(fed: Federation, agg_parts):
+    """A null column under the aggregate (what federated SQL asks of a part that lacks a column) cannot single out a
+    row: gw-fr's aggregates-only part still groups, and a group keyed by the null column is one group of every row,
+    above the floor like any other."""
+    node = fed.nodes["gw-fr"]
+    plain = local_aggregate(node, AGG_NODES["gw-fr"], {"group_by": ["diagnosis"], "measures": [{"func": "count"}]})
+    filled = local_aggregate(node, AGG_NODES["gw-fr"], {"group_by": ["diagnosis"], "measures": [{"func": "count"}]},
+                             fill_nulls={"only_elsewhere": "Utf8"})
+    assert sorted(filled.to_pylist(), key=str) == sorted(plain.to_pylist(), key=str)
+    by_null = local_aggregate(node, AGG_NODES["gw-fr"], {"group_by": ["only_elsewhere"], "measures": [{"func": "count"}]},
+                              fill_nulls={"only_elsewhere": "Utf8"})
+    assert by_null.to_pylist() == [{"only_elsewhere": None, "count(*)": sum(plain.column("count(*)").to_pylist())}]
 
 
 def test_an_aggregates_part_refuses_raw_rows_and_order_statistics(fed: Federation, agg_parts):

@@ -280,6 +280,20 @@ def test_fill_nulls_never_reaches_a_hidden_columns_values(gateway: Gateway, clie
         pull(client, opts, fill_nulls_descriptor({"x": "NotAType"}))
 
 
+@pytest.mark.parametrize("ty", ["List(" * 50_000 + "Int64" + ")" * 50_000,
+                                "FixedSizeList(2147483647, FixedSizeBinary(2147483647))",
+                                "FixedSizeBinary(2147483647)", "Dictionary(Utf8, Utf8)", "List(Int64)",
+                                'Struct("a": Int64)'])
+def test_fill_nulls_takes_only_flat_types(gateway: Gateway, client, ty: str):
+    """Types whose parsing or null column could exhaust the stack or memory are refused before either, with and
+    without credentials, and the gateway keeps serving."""
+    for opts in (call_options(gateway.keys["trainer-de"]), flight.FlightCallOptions()):
+        with pytest.raises((flight.FlightError, pa.ArrowInvalid)):
+            pull(client, opts, fill_nulls_descriptor({"x": ty}, columns=["diagnosis"]))
+    assert pull(client, call_options(gateway.keys["trainer-de"]),
+                command_descriptor(columns=["diagnosis"], limit=1)).table.num_rows == 1
+
+
 @pytest.mark.parametrize("limit", [1, 10, 137])
 def test_command_limit(gateway: Gateway, client, reference: Reference, limit: int):
     columns = ["patient_id", "birth_date", "postcode", "diagnosis", "hba1c", "admitted_at"]

@@ -75,13 +75,14 @@ fn restricted_below(input: &LogicalPlan) -> Result<Option<(String, u32)>> {
             }
             LogicalPlan::Filter(f) => plain &= !has_subquery(&f.predicate),
             LogicalPlan::Projection(p) => {
-                // Computed columns below the aggregate could single out a row for it.
+                // Computed columns below the aggregate could single out a row for it; a null
+                // (a column a federated part does not send) cannot.
                 plain &= p.expr.iter().all(|e| {
                     let mut inner = e;
                     while let Expr::Alias(a) = inner {
                         inner = &a.expr;
                     }
-                    matches!(inner, Expr::Column(_))
+                    matches!(inner, Expr::Column(_)) || matches!(inner, Expr::Literal(v, _) if v.is_null())
                 });
             }
             LogicalPlan::SubqueryAlias(_) => {}
