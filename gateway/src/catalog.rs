@@ -50,10 +50,10 @@ pub struct DataCommand {
     /// plain Flight, and how federated SQL pushes `GROUP BY` to each node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<AggregateSpec>,
-    /// Federated SQL: the federated dataset's columns (name to Arrow type, as `DataType` prints
-    /// it). Those this node does not send are added as typed nulls, never its raw values, so one
-    /// request (columns, filter, groups) fits every part, as a raw scan's missing columns are
-    /// null at the home node.
+    /// Federated SQL: the columns of the federated dataset the request uses (name to flat Arrow
+    /// type, as `DataType` prints it). Those this node does not send are added as typed nulls,
+    /// never its raw values, so one request (columns, filter, groups) fits every part, as a raw
+    /// scan's missing columns are null at the home node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fill_nulls: Option<std::collections::BTreeMap<String, String>>,
 }

@@ -305,39 +305,43 @@ def test_group_by_without_aggregate_functions(fed: Federation, agg_parts, sql_pa
             assert sorted(got.column("diagnosis").to_pylist(), key=str) == sorted((k[0] for k in expected), key=str)
 
 
+def correlated_counts(fed: Federation, nodes: dict[str, str], federation: str) -> tuple[str, dict, Any]:
+    """Per-diagnosis counts over `federation` through a correlated subquery at the home node: the query, the
+    counts the nodes give locally, and the answer (or the ADBC error)."""
+    expected = combine_local(fed, nodes, ["diagnosis"], None)
+    query = (f"SELECT o.diagnosis, (SELECT count(*) FROM {federation} a WHERE a.diagnosis = o.diagnosis) AS n "
+             f"FROM (SELECT DISTINCT diagnosis FROM {SQL_FEDERATION}) o")
+    with adbc_home(fed) as conn:
+        try:
+            got: Any = sql(conn, query)
+        except dbapi.Error as exc:
+            got = exc
+    return query, {k[0]: v["n"] for k, v in expected.items()}, got
+
+
 def test_correlated_subquery_over_a_federated_table(fed: Federation, agg_parts, sql_parts):
     """BUG. A correlated subquery's WHERE holds an outer reference (`o.diagnosis`). `pushed` does not check for
     `Expr::OuterReferenceColumn`, and the unparser writes it as the column `o.diagnosis`, so every node gets the
     filter `diagnosis = o.diagnosis`: the statement fails at every node with "filter does not parse: No field named
     o.diagnosis ... Valid fields are patient_id, full_name, ..." (naming the withheld direct identifier). Expected:
     rows-release parts give the per-diagnosis counts (the aggregate stays in the plan for decorrelation)."""
-    expected = combine_local(fed, SQL_NODES, ["diagnosis"], None)
-    query = (f"SELECT o.diagnosis, (SELECT count(*) FROM {SQL_FEDERATION} a WHERE a.diagnosis = o.diagnosis) AS n "
-             f"FROM (SELECT DISTINCT diagnosis FROM {SQL_FEDERATION}) o")
-    with adbc_home(fed) as conn:
-        try:
-            got = sql(conn, query)
-        except dbapi.Error as exc:
-            pytest.fail(f"correlated subquery failed: {parse_adbc_error(exc)}")
-    assert {r["diagnosis"]: r["n"] for r in got.to_pylist()} == {k[0]: v["n"] for k, v in expected.items()}
+    _, expected, got = correlated_counts(fed, SQL_NODES, SQL_FEDERATION)
+    if isinstance(got, dbapi.Error):
+        pytest.fail(f"correlated subquery failed: {parse_adbc_error(got)}")
+    assert {r["diagnosis"]: r["n"] for r in got.to_pylist()} == expected
 
 
 def test_correlated_subquery_over_an_aggregates_part_is_answered_or_clearly_refused(fed: Federation, agg_parts,
                                                                                        sql_parts):
     """BUG (same cause). Over eu_agg the correlated aggregate may be answered (per-diagnosis counts of the nodes' own
     groups) or refused by gw-fr as aggregates-only; it must not fail with a parse error that lists the raw columns."""
-    expected = combine_local(fed, AGG_NODES, ["diagnosis"], None)
-    query = (f"SELECT o.diagnosis, (SELECT count(*) FROM {AGG_FEDERATION} a WHERE a.diagnosis = o.diagnosis) AS n "
-             f"FROM (SELECT DISTINCT diagnosis FROM {SQL_FEDERATION}) o")
-    with adbc_home(fed) as conn:
-        try:
-            got = sql(conn, query)
-        except dbapi.Error as exc:
-            err = parse_adbc_error(exc)
-            assert HIDDEN not in err.message, f"the error names the withheld column {HIDDEN}: {err}"
-            assert_refused_by_fr(err, query)
-            return
-    assert {r["diagnosis"]: r["n"] for r in got.to_pylist()} == {k[0]: v["n"] for k, v in expected.items()}
+    query, expected, got = correlated_counts(fed, AGG_NODES, AGG_FEDERATION)
+    if isinstance(got, dbapi.Error):
+        err = parse_adbc_error(got)
+        assert HIDDEN not in err.message, f"the error names the withheld column {HIDDEN}: {err}"
+        assert_refused_by_fr(err, query)
+        return
+    assert {r["diagnosis"]: r["n"] for r in got.to_pylist()} == expected
 
 
 @pytest.mark.parametrize("value,op,text", [(float("nan"), ">", "CAST('NaN' AS DOUBLE)"),
