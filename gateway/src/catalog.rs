@@ -270,7 +270,7 @@ pub const MAX_PARTS: u32 = 64;
 /// Longest filter accepted (it travels inside the ticket).
 const MAX_FILTER_BYTES: usize = 4096;
 /// Most columns a command may name.
-const MAX_COLUMNS: usize = 1024;
+pub(crate) const MAX_COLUMNS: usize = 1024;
 
 const AGGREGATE_HINT: &str = "send \"aggregate\": {\"group_by\": [\"diagnosis\"], \"measures\": [{\"func\": \"count\"}, {\"func\": \"avg\", \"column\": \"hba1c\"}]}";
 

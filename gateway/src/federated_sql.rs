@@ -205,7 +205,7 @@ async fn gather(
 /// columns used travel (peers learn nothing of the rest), and only flat types
 /// ([`catalog::fill_type`]; a dictionary as its value type): a node asked for another
 /// column it lacks refuses the request, naming it.
-fn fill_nulls(schema: &Schema, names: impl IntoIterator<Item = String>) -> BTreeMap<String, String> {
+pub(crate) fn fill_nulls(schema: &Schema, names: impl IntoIterator<Item = String>) -> BTreeMap<String, String> {
     names
         .into_iter()
         .filter_map(|name| {

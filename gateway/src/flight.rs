@@ -265,6 +265,14 @@ impl FlightHandler {
             }
         };
         let rank = cmd.shard.map(|s| s.rank as usize);
+        // Every node is asked for the same columns in the same order, answering those it does not
+        // send as typed nulls: each endpoint then streams the FlightInfo's schema, and readers
+        // concatenate the parts as they come.
+        let described = describe_parts(&self.node, &caller, &cmd.dataset, local_part.as_deref()).await;
+        let (columns, fill_nulls) = match &described.schema {
+            Some(schema) => aligned(&cmd, schema),
+            None => (cmd.columns.clone(), cmd.fill_nulls.clone()),
+        };
         let part_cmd = DataCommand {
             // An aggregate is one small stream per node.
             parts: cmd.aggregate.is_none().then(|| cmd.shard.map_or(1, |s| s.world_size)),
@@ -272,6 +280,8 @@ impl FlightHandler {
             // The home node applies the seed (peers deal their parts as usual).
             seed: None,
             on_partial: None,
+            columns,
+            fill_nulls,
             ..cmd.clone()
         };
         // Rank r reads part (r + offset) mod w of every node: disjoint and complete across ranks;
@@ -340,10 +350,18 @@ impl FlightHandler {
         let asks = self.node.peers.iter().map(|peer| {
             let assertion = self.node.assert_for(peer, &caller.principal, &purpose);
             let (peer_cmd, purpose, tls) = (&peer_cmd, &purpose, self.node.client_tls.as_ref());
+            // A peer that was unreachable or holds no part: asked again it would time out twice,
+            // or say the same. One that refused is asked (and audits the data request it refuses).
+            let described = described
+                .failed
+                .get(&peer.node_id)
+                .filter(|(status, _)| status == "unavailable" || status == "absent")
+                .cloned();
             async move {
-                let answer = match &assertion {
-                    Ok(a) => ask_peer(peer, tls, timeout, peer_cmd, purpose, a).await,
-                    Err(e) => Err(("unavailable".to_string(), e.to_string())),
+                let answer = match (&assertion, described) {
+                    (_, Some(failed)) => Err(failed),
+                    (Ok(a), None) => ask_peer(peer, tls, timeout, peer_cmd, purpose, a).await,
+                    (Err(e), None) => Err(("unavailable".to_string(), e.to_string())),
                 };
                 (peer, assertion.ok(), answer)
             }
@@ -687,6 +705,96 @@ async fn local_federations(node: &Arc<Node>, caller: &Caller) -> Vec<(String, ar
         }
     }
     out
+}
+
+/// What the parts of a federated dataset say of themselves to one principal (GetSchema).
+struct Described {
+    /// The union of the parts' post-policy schemas; `None` when no part described itself or the
+    /// parts disagree on a column's type (the data round then reports it).
+    schema: Option<arrow::datatypes::Schema>,
+    /// The peers that did not describe a part, with (status, reason) as `ask_peer` gives them.
+    failed: std::collections::HashMap<String, (String, String)>,
+}
+
+/// Asks every node holding a part of `dataset` for its post-policy schema, concurrently.
+async fn describe_parts(node: &Arc<Node>, caller: &Caller, dataset: &str, local_part: Option<&str>) -> Described {
+    let mut schemas = Vec::new();
+    if let Some(local) = local_part {
+        let cmd = DataCommand {
+            dataset: local.to_string(),
+            ..Default::default()
+        };
+        if let Ok(p) = catalog::plan_for(node, &caller.principal, &caller.purpose, &cmd, true).await {
+            schemas.push(p.schema.as_ref().clone());
+        }
+    }
+    let timeout = std::time::Duration::from_secs(node.federation.peer_timeout_secs.max(1));
+    let purpose = caller.purpose.to_string();
+    let body = serde_json::json!({ "dataset": dataset });
+    let asks = node.peers.iter().map(|peer| {
+        let assertion = node.assert_for(peer, &caller.principal, &purpose);
+        let (purpose, body, tls) = (&purpose, &body, node.client_tls.as_ref());
+        async move {
+            let answer = match assertion {
+                Ok(a) => crate::federation::peer_schema(peer, tls, timeout, body, purpose, &a).await,
+                Err(e) => Err(("unavailable".to_string(), e.to_string())),
+            };
+            (peer, answer)
+        }
+    });
+    let mut failed = std::collections::HashMap::new();
+    for (peer, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(schema) => schemas.push(schema),
+            Err(why) => {
+                failed.insert(peer.node_id.clone(), why);
+            }
+        }
+    }
+    let schema = match schemas.is_empty() {
+        true => None,
+        false => arrow::datatypes::Schema::try_merge(schemas).ok(),
+    };
+    Described { schema, failed }
+}
+
+/// The columns and `fill_nulls` of a federated request's part command over the federated
+/// table `schema`: rows keep the caller's columns, or take every column of the table in its
+/// order; `fill_nulls` types the columns the request uses (output, filter, groups, measures), so
+/// a node that does not send one answers it as nulls, never its values.
+fn aligned(
+    cmd: &DataCommand,
+    schema: &arrow::datatypes::Schema,
+) -> (Option<Vec<String>>, Option<std::collections::BTreeMap<String, String>>) {
+    let all = || schema.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
+    let columns = match (&cmd.aggregate, &cmd.columns) {
+        (Some(_), c) | (None, c @ Some(_)) => c.clone(),
+        (None, None) => Some(all()),
+    };
+    let mut used: Vec<String> = columns.clone().unwrap_or_default();
+    if let Some(agg) = &cmd.aggregate {
+        used.extend(agg.group_by.iter().cloned());
+        used.extend(agg.measures.iter().filter_map(|m| m.column.clone()));
+    }
+    if let Some(filter) = &cmd.filter {
+        // Parsed, never evaluated, here: only to name the columns it uses. A filter that does
+        // not parse over the table fills nothing; each node then says what is wrong with it.
+        let parsed = datafusion::common::DFSchema::try_from(schema.clone())
+            .ok()
+            .and_then(|s| {
+                datafusion::prelude::SessionContext::new_with_config(catalog::session_config())
+                    .parse_sql_expr(filter, &s)
+                    .ok()
+            });
+        used.extend(parsed.iter().flat_map(|e| e.column_refs()).map(|c| c.name.clone()));
+    }
+    let mut fill = cmd.fill_nulls.clone().unwrap_or_default();
+    fill.extend(crate::federated_sql::fill_nulls(schema, used));
+    if fill.len() > catalog::MAX_COLUMNS || columns.as_ref().is_some_and(|c| c.len() > catalog::MAX_COLUMNS) {
+        // Wider than a request may be: the parts answer with their own columns.
+        return (cmd.columns.clone(), cmd.fill_nulls.clone());
+    }
+    (columns, (!fill.is_empty()).then_some(fill))
 }
 
 /// A federated dataset as the home node lists it.

@@ -1200,6 +1200,46 @@ def test_federated_sql_over_parts_releasing_different_columns(fed: Federation, m
     assert "not sent by this node, answered as nulls: postcode" in gets[0]["reason"], gets
 
 
+def test_plain_flight_parts_share_the_flightinfo_schema(fed: Federation, mixed_parts):
+    """Over plain Flight too, every node streams the FlightInfo's columns in its order: gw-fr answers `postcode`,
+    which it does not send, as nulls, so the parts concatenate as they are (no schema promotion) and selecting,
+    filtering on or grouping by the column works across parts."""
+    fr, de = mixed_parts["gw-fr"], mixed_parts["gw-de"]
+    since = datetime.now(timezone.utc).isoformat()
+
+    def pull(**command: Any) -> tuple[Federated, dict[str, pa.Table]]:
+        answer = fed.parse(fed.get_info(flight.FlightDescriptor.for_command(
+            json.dumps({"dataset": MIXED_FEDERATION, **command}).encode())), MIXED_FEDERATION)
+        assert answer.status() == {"gw-fr": "ok", "gw-de": "ok"}, answer.nodes
+        return answer, fed.read_parts(answer)
+
+    answer, parts = pull()
+    schema = answer.info.schema
+    assert "postcode" in schema.names, schema
+    for node_id, part in parts.items():
+        assert part.schema.names == schema.names, f"{node_id} streams {part.schema.names}, FlightInfo says {schema.names}"
+        assert [f.type for f in part.schema] == [f.type for f in schema], f"{node_id}: {part.schema} vs {schema}"
+    everything = pa.concat_tables([parts["gw-fr"], parts["gw-de"]])
+    assert everything.num_rows == fr + de
+    assert parts["gw-fr"].column("postcode").null_count == fr
+    assert parts["gw-de"].column("postcode").null_count < de, "gw-de releases postcode: the test proves nothing"
+
+    _, chosen = pull(columns=["postcode", "diagnosis"])
+    assert {n: t.column_names for n, t in chosen.items()} == {n: ["postcode", "diagnosis"] for n in MIXED_NODES}
+    assert chosen["gw-fr"].num_rows == fr and chosen["gw-fr"].column("postcode").null_count == fr
+
+    _, nulls = pull(columns=["diagnosis"], filter="postcode IS NULL")
+    de_nulls = parts["gw-de"].column("postcode").null_count
+    assert (nulls["gw-fr"].num_rows, nulls["gw-de"].num_rows if "gw-de" in nulls else 0) == (fr, de_nulls)
+
+    grouped, groups = pull(aggregate={"group_by": ["postcode"], "measures": [{"func": "count"}]})
+    assert groups["gw-fr"].to_pylist() == [{"postcode": None, "count(*)": fr}], groups["gw-fr"]
+    assert sum(groups["gw-de"].column("count(*)").to_pylist()) == de
+    # gw-fr was asked for the column as nulls (and said so in its audit), never for its values.
+    gets = [e for e in audit_entries(fed.nodes["gw-fr"], FEDERATED_PRINCIPAL, since=since) if e["action"] == "do_get"]
+    assert len(gets) == 4 and all("answered as nulls: postcode" in e["reason"] for e in gets), gets
+
+
 def test_federated_sql_pushes_columns_and_filters_to_each_node(fed: Federation, sql_parts):
     since = datetime.now(timezone.utc).isoformat()
     with adbc_home(fed) as conn:
