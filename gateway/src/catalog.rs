@@ -29,7 +29,7 @@ pub struct DataCommand {
     /// SQL boolean expression, evaluated only on rows the gate lets through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
-    /// Maximum rows across all endpoints of the request.
+    /// Maximum rows across all endpoints of the request (a federated one deals it over its nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
     /// Split the stream into this many endpoints, disjoint and together complete (1 to 64).

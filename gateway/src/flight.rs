@@ -303,6 +303,7 @@ impl FlightHandler {
         if let Some(local) = local_part {
             let local_cmd = DataCommand {
                 dataset: local.clone(),
+                limit: described.share(cmd.limit, self.node.node_id()),
                 ..part_cmd.clone()
             };
             let member_state = snap
@@ -345,11 +346,14 @@ impl FlightHandler {
             nodes.push(status);
         }
         let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
-        let peer_cmd = serde_json::to_value(&part_cmd).map_err(|e| Error::Internal(e.to_string()))?;
         let purpose = caller.purpose.to_string();
         let asks = self.node.peers.iter().map(|peer| {
             let assertion = self.node.assert_for(peer, &caller.principal, &purpose);
-            let (peer_cmd, purpose, tls) = (&peer_cmd, &purpose, self.node.client_tls.as_ref());
+            let peer_cmd = serde_json::to_value(DataCommand {
+                limit: described.share(cmd.limit, &peer.node_id),
+                ..part_cmd.clone()
+            });
+            let (purpose, tls) = (&purpose, self.node.client_tls.as_ref());
             // A peer that was unreachable or holds no part: asked again it would time out twice,
             // or say the same. One that refused is asked (and audits the data request it refuses).
             let described = described
@@ -358,10 +362,11 @@ impl FlightHandler {
                 .filter(|(status, _)| status == "unavailable" || status == "absent")
                 .cloned();
             async move {
-                let answer = match (&assertion, described) {
-                    (_, Some(failed)) => Err(failed),
-                    (Ok(a), None) => ask_peer(peer, tls, timeout, peer_cmd, purpose, a).await,
-                    (Err(e), None) => Err(("unavailable".to_string(), e.to_string())),
+                let answer = match (&assertion, described, peer_cmd) {
+                    (_, Some(failed), _) => Err(failed),
+                    (Ok(a), None, Ok(body)) => ask_peer(peer, tls, timeout, &body, purpose, a).await,
+                    (Err(e), None, _) => Err(("unavailable".to_string(), e.to_string())),
+                    (_, None, Err(e)) => Err(("unavailable".to_string(), e.to_string())),
                 };
                 (peer, assertion.ok(), answer)
             }
@@ -714,11 +719,29 @@ struct Described {
     schema: Option<arrow::datatypes::Schema>,
     /// The peers that did not describe a part, with (status, reason) as `ask_peer` gives them.
     failed: std::collections::HashMap<String, (String, String)>,
+    /// The nodes that described a part, this one first when it holds one.
+    shown: Vec<String>,
+}
+
+impl Described {
+    /// `node`'s share of a request's `limit` (rows across all endpoints, so across all nodes):
+    /// the limit dealt evenly over the nodes that showed a part, nothing to the others. Rows flow
+    /// from each node straight to the reader, so no node can give another its unused share; an
+    /// exact `LIMIT` over the whole table is federated SQL's.
+    fn share(&self, limit: Option<u64>, node: &str) -> Option<u64> {
+        let limit = limit?;
+        let n = self.shown.len() as u64;
+        Some(match self.shown.iter().position(|s| s == node) {
+            Some(i) => limit / n + u64::from((i as u64) < limit % n),
+            None => 0,
+        })
+    }
 }
 
 /// Asks every node holding a part of `dataset` for its post-policy schema, concurrently.
 async fn describe_parts(node: &Arc<Node>, caller: &Caller, dataset: &str, local_part: Option<&str>) -> Described {
     let mut schemas = Vec::new();
+    let mut shown = Vec::new();
     if let Some(local) = local_part {
         let cmd = DataCommand {
             dataset: local.to_string(),
@@ -726,6 +749,7 @@ async fn describe_parts(node: &Arc<Node>, caller: &Caller, dataset: &str, local_
         };
         if let Ok(p) = catalog::plan_for(node, &caller.principal, &caller.purpose, &cmd, true).await {
             schemas.push(p.schema.as_ref().clone());
+            shown.push(node.node_id().to_string());
         }
     }
     let timeout = std::time::Duration::from_secs(node.federation.peer_timeout_secs.max(1));
@@ -745,7 +769,10 @@ async fn describe_parts(node: &Arc<Node>, caller: &Caller, dataset: &str, local_
     let mut failed = std::collections::HashMap::new();
     for (peer, answer) in futures::future::join_all(asks).await {
         match answer {
-            Ok(schema) => schemas.push(schema),
+            Ok(schema) => {
+                schemas.push(schema);
+                shown.push(peer.node_id.clone());
+            }
             Err(why) => {
                 failed.insert(peer.node_id.clone(), why);
             }
@@ -755,7 +782,7 @@ async fn describe_parts(node: &Arc<Node>, caller: &Caller, dataset: &str, local_
         true => None,
         false => arrow::datatypes::Schema::try_merge(schemas).ok(),
     };
-    Described { schema, failed }
+    Described { schema, failed, shown }
 }
 
 /// The columns and `fill_nulls` of a federated request's part command over the federated

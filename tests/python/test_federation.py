@@ -1240,6 +1240,17 @@ def test_plain_flight_parts_share_the_flightinfo_schema(fed: Federation, mixed_p
     assert len(gets) == 4 and all("answered as nulls: postcode" in e["reason"] for e in gets), gets
 
 
+@pytest.mark.parametrize("limit", [1, 1001])
+def test_a_federated_limit_bounds_all_parts_together(fed: Federation, mixed_parts, limit: int):
+    """`limit` counts rows across all endpoints, so across nodes: each node gets its share (rows flow straight
+    from it to the reader), and together they send exactly `limit` when every node has enough rows."""
+    assert min(mixed_parts.values()) > limit
+    answer = fed.parse(fed.get_info(flight.FlightDescriptor.for_command(
+        json.dumps({"dataset": MIXED_FEDERATION, "limit": limit}).encode())), MIXED_FEDERATION)
+    rows = {n: t.num_rows for n, t in fed.read_parts(answer).items()}
+    assert sum(rows.values()) == limit and max(rows.values()) == -(-limit // 2), rows
+
+
 def test_federated_sql_pushes_columns_and_filters_to_each_node(fed: Federation, sql_parts):
     since = datetime.now(timezone.utc).isoformat()
     with adbc_home(fed) as conn:
