@@ -171,11 +171,36 @@ fn domain_match(a: Dynamic, b: Dynamic) -> Dynamic {
     domain_matches(&a, &b).into()
 }
 
+/// `purposeCovers(p.act, r.act)`: `*` covers every purpose, a purpose itself and its descendants.
 fn purpose_covers(a: Dynamic, b: Dynamic) -> Dynamic {
     let a = casbin::function_map::dynamic_to_str(&a);
     let b = casbin::function_map::dynamic_to_str(&b);
-    purpose::covers(&a, &b).into()
+    (a == "*" || purpose::covers(&a, &b)).into()
 }
+
+/// `objectMatch(r.obj, p.obj, p.eft)`: the dataset itself, or `*`. An allow line's `*` does
+/// not reach a dataset's special-category columns (`<dataset>#special`): those need a line
+/// naming them, or `*#special`. A deny line's `*` reaches everything.
+pub fn object_matches(request: &str, pattern: &str, effect: &str) -> bool {
+    let special = request.ends_with(SPECIAL_SUFFIX);
+    request == pattern
+        || (pattern == "*" && (!special || effect == "deny"))
+        || (special && pattern.strip_prefix('*') == Some(SPECIAL_SUFFIX))
+}
+
+fn object_match(a: Dynamic, b: Dynamic, c: Dynamic) -> Dynamic {
+    let a = casbin::function_map::dynamic_to_str(&a);
+    let b = casbin::function_map::dynamic_to_str(&b);
+    let c = casbin::function_map::dynamic_to_str(&c);
+    object_matches(&a, &b, &c).into()
+}
+
+/// Member-state codes: a bare domain equal to one would name an organisation of that name,
+/// which is almost never what the author of a line meant (`DE/*` is the member state).
+const MEMBER_STATE_CODES: [&str; 28] = [
+    "AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "EL", "ES", "FI", "FR", "GR", "HR", "HU", "IE", "IT", "LT", "LU",
+    "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK",
+];
 
 /// Formats a time the way policy lines compare it (fixed-width RFC 3339 UTC, so text order is
 /// time order).
@@ -203,6 +228,32 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
                     return Err(bad(format!(
                         "a `p` line has 7 fields (p, sub, dom, obj, act, exp, eft), found {}",
                         fields.len()
+                    )));
+                }
+                if let Some(empty) = fields[1..4].iter().position(|f| f.is_empty()) {
+                    return Err(bad(format!(
+                        "field {} (sub, dom, obj) is empty; use `*` for any",
+                        empty + 2
+                    )));
+                }
+                let dom = fields[2];
+                let dom_ok = match dom.split_once('/') {
+                    None => !MEMBER_STATE_CODES.contains(&dom),
+                    Some((cc, org)) => {
+                        cc.len() == 2
+                            && cc.bytes().all(|b| b.is_ascii_uppercase())
+                            && !org.is_empty()
+                            && !org.contains('/')
+                    }
+                };
+                if !dom_ok {
+                    return Err(bad(format!(
+                        "domain `{dom}` is not `*`, `CC/*` (a member state), `CC/org` or `org`{}",
+                        if MEMBER_STATE_CODES.contains(&dom) {
+                            format!("; for the member state write `{dom}/*`")
+                        } else {
+                            String::new()
+                        }
                     )));
                 }
                 if fields[4] != "*" {
@@ -283,6 +334,7 @@ impl Authorizer {
             })?;
         enforcer.add_function("purposeCovers", OperatorFunction::Arg2(purpose_covers));
         enforcer.add_function("domainMatch", OperatorFunction::Arg2(domain_match));
+        enforcer.add_function("objectMatch", OperatorFunction::Arg3(object_match));
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(format!("{model}\n--\n{text}").as_bytes());
         let version = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
@@ -383,10 +435,13 @@ impl Authorizer {
                 op: "enforce",
                 source: Box::new(e),
             })?;
-        let rule = rules.first().map(|r| r.join(", "));
+        // casbin also lists allow lines that matched before a deny line: a denial names the deny line.
+        let deny_line = rules.iter().find(|r| r.last().is_some_and(|e| e == "deny"));
+        let shown = if allow { rules.first() } else { deny_line };
+        let rule = shown.map(|r| r.join(", "));
         let reason = if allow {
             format!("permit for organisation `{}` covers purpose `{purpose}`", principal.org)
-        } else if let Some(r) = rules.first().filter(|r| r.last().is_some_and(|e| e == "deny")) {
+        } else if let Some(r) = deny_line {
             format!("denied by policy line `{}`", r.join(", "))
         } else {
             format!(
@@ -590,6 +645,77 @@ mod tests {
                 && !domain_matches("FR/aphp", "DE/*")
         );
         assert!(!domain_matches("DE/dkfz", "dkf") && !domain_matches("DE/dkfz", "FR/dkfz"));
+    }
+
+    #[tokio::test]
+    async fn wildcards_deny_everything_but_allow_no_special_category() {
+        let people = vec![principal("t-de", "dkfz", Role::Trainer)];
+        let mut ds = dataset(&["research"]);
+        ds.special_category = true;
+        let now = Utc::now();
+        let ai = p("research/ai-training");
+        let build = |rules: &[&str]| {
+            let rules: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+            let people = people.clone();
+            async move {
+                Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &rules, vec![], &people)
+                    .await
+                    .unwrap()
+            }
+        };
+        // An allow line for every dataset reaches the rows, not the Art. 9 columns.
+        let star = build(&["p, trainer, DE/*, *, research, 9999-12-31T23:59:59Z, allow"]).await;
+        let d = star.decide(&people[0], &ds, &ai, now).unwrap();
+        assert!(d.allow && !d.special_category, "{d:?}");
+        for named in ["demo#special", "*#special"] {
+            let a = build(&[
+                "p, trainer, DE/*, *, research, 9999-12-31T23:59:59Z, allow",
+                &format!("p, trainer, DE/*, {named}, research, 9999-12-31T23:59:59Z, allow"),
+            ])
+            .await;
+            assert!(a.decide(&people[0], &ds, &ai, now).unwrap().special_category, "{named}");
+        }
+        // `*#special` alone opens no dataset.
+        let only = build(&["p, trainer, DE/*, *#special, research, 9999-12-31T23:59:59Z, allow"]).await;
+        assert!(!only.decide(&people[0], &ds, &ai, now).unwrap().allow);
+        // A deny line's `*` purpose and `*` dataset reach everything, the special columns included.
+        let denied = build(&[
+            "p, trainer, DE/*, *, research, 9999-12-31T23:59:59Z, allow",
+            "p, trainer, DE/*, *#special, research, 9999-12-31T23:59:59Z, allow",
+            "p, *, DE/*, demo, *, 9999-12-31T23:59:59Z, deny",
+        ])
+        .await;
+        let d = denied.decide(&people[0], &ds, &ai, now).unwrap();
+        assert!(!d.allow, "{d:?}");
+        // The denial names the deny line, not an allow line casbin matched before it.
+        assert!(d.rule.as_deref().is_some_and(|r| r.ends_with("deny")), "{d:?}");
+        assert!(d.reason.contains("denied by policy line `*, DE/*, demo, *,"), "{d:?}");
+        let special_denied = build(&[
+            "p, trainer, DE/*, *#special, research, 9999-12-31T23:59:59Z, allow",
+            "p, *, *, *, *, 9999-12-31T23:59:59Z, deny",
+        ])
+        .await;
+        assert!(
+            !special_denied
+                .allows_special_category(&people[0], &ds, &ai, now)
+                .unwrap()
+        );
+        assert!(object_matches("demo#special", "*", "deny") && !object_matches("demo#special", "*", "allow"));
+        assert!(!object_matches("demo", "*#special", "allow") && object_matches("demo", "*", "allow"));
+    }
+
+    #[test]
+    fn policy_lines_with_a_domain_that_would_never_match_are_refused() {
+        let line = |dom: &str| format!("p, *, {dom}, demo, research, 9999-12-31T23:59:59Z, deny");
+        for ok in ["*", "DE/*", "DE/dkfz", "dkfz"] {
+            check_policy_text("f", &line(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let err = check_policy_text("f", &line("DE")).unwrap_err().to_string();
+        assert!(err.contains("DE/*") && err.contains("line 1"), "{err}");
+        for bad in ["de/*", "DE/", "DEU/x", "DE/a/b"] {
+            assert!(check_policy_text("f", &line(bad)).is_err(), "{bad}");
+        }
+        assert!(check_policy_text("f", "p, , *, demo, research, 9999-12-31T23:59:59Z, deny").is_err());
     }
 
     #[test]

@@ -164,7 +164,9 @@ def test_cli_policy_add_refuses_a_bad_line(scratch_gateway: Gateway):
     ("p, *, *, demo_patients, Research, 9999-12-31T23:59:59Z, deny", "purpose"),
     ("p, *, *, demo_patients, research, tomorrow, deny", "RFC 3339"),
     ("p, *, *, demo_patients, research, 9999-12-31T23:59:59Z, maybe", "allow or deny"),
-], ids=["six-fields", "bad-purpose", "bad-expiry", "bad-effect"])
+    # `DE` alone would match an organisation named DE, never the member state: a deny that denies nothing.
+    ("p, *, DE, demo_patients, research, 9999-12-31T23:59:59Z, deny", "DE/*"),
+], ids=["six-fields", "bad-purpose", "bad-expiry", "bad-effect", "state-as-org"])
 def test_cli_policy_add_names_what_is_wrong(scratch_gateway: Gateway, line, reason):
     gw = scratch_gateway
     before = _rules(gw)
@@ -188,6 +190,24 @@ def test_cli_policy_add_a_raw_deny_line(scratch_gateway: Gateway, sclient):
         assert _access(sclient, de, COMMERCIAL) == "allowed", "only the named sub-purpose is denied"
         gw.cli("policy", "remove", "--id", str(out["id"]))
         _wait_access(sclient, de, purpose, "allowed", "removing the raw line lifts it")
+    finally:
+        _remove_rules_with_line(gw, line)
+
+
+def test_a_deny_line_for_every_purpose_denies_every_purpose(scratch_gateway: Gateway, sclient, it_trainer):
+    """`*` as a deny line's purpose covers every purpose (it once matched none: a deny that denied nothing), and
+    `DE/*` reaches DE's trainers only."""
+    gw = scratch_gateway
+    de = gw.keys["trainer-de"]
+    line = f"p, *, DE/*, {DATASET}, *, 9999-12-31T23:59:59Z, deny"
+    assert _access(sclient, de, COMMERCIAL) == "allowed" and _access(sclient, de, PURPOSE) == "allowed", "precondition"
+    try:
+        out = gw.cli_json("policy", "add", "--line", line)
+        _wait_access(sclient, de, PURPOSE, "denied", "the line for every purpose reaches the server")
+        assert _access(sclient, de, COMMERCIAL) == "denied"
+        assert _access(sclient, it_trainer, PURPOSE) == "allowed", "another member state's trainer is not denied"
+        gw.cli("policy", "remove", "--id", str(out["id"]))
+        _wait_access(sclient, de, PURPOSE, "allowed", "removing the line lifts it")
     finally:
         _remove_rules_with_line(gw, line)
 
