@@ -147,7 +147,7 @@ async fn register_dataset(
     let manifest = Manifest::from_json(value)?;
     node.require_steward_of(&who, &manifest.controller)?;
     node.register_dataset(&manifest).await?;
-    node.refresh().await?;
+    node.refresh_after_write().await?;
     tracing::info!(dataset = %manifest.name, by = %who.name, "dataset registered");
     Ok((StatusCode::CREATED, Json(dataset_view(&manifest, &who))))
 }
@@ -199,7 +199,7 @@ async fn add_permit(
         special_category: b.special_category,
     };
     node.add_permit(&permit).await?;
-    node.refresh().await?;
+    node.refresh_after_write().await?;
     Ok((
         StatusCode::CREATED,
         Json(
@@ -245,7 +245,7 @@ async fn consent_events(
         );
     }
     let version = node.append_consent(&registry, &events).await?;
-    node.refresh().await?;
+    node.refresh_after_write().await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "accepted": events.len(), "consent_version": version })),
@@ -311,7 +311,7 @@ async fn add_rule(
     }
     let line = crate::node::deny_line(&name, &b.purpose, &b.domain, b.expires.as_deref())?;
     let id = node.meta.add_rule(&line, &who.name).await?;
-    node.refresh().await?;
+    node.refresh_after_write().await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id, "line": line }))))
 }
 

@@ -131,8 +131,12 @@ pub enum PolicyCmd {
         #[arg(long)]
         id: i64,
     },
-    /// Make running servers re-read policy files and stored lines now.
-    Reload,
+    /// Check the policy files, then make running servers re-read them and the stored lines now.
+    Reload {
+        /// Configuration file naming policy files.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// `serve` flags.
@@ -389,10 +393,16 @@ async fn run_policy(cli: &Cli, node: &Node, cmd: &PolicyCmd) -> anyhow::Result<(
             }
             print(j, json!({ "removed": id }), || format!("rule {id} removed"));
         }
-        PolicyCmd::Reload => {
+        PolicyCmd::Reload { config } => {
+            let cfg = effective_config(cli, config.as_ref(), None)?;
+            let checked = Node::open_with(&cfg.data_dir.clone().unwrap_or_else(default_data_dir), cfg.policy).await?;
+            let version = checked
+                .check_policy_files()
+                .await
+                .context("servers would refuse these policy files and keep the previous policy; nothing reloaded")?;
             node.meta.request_reload().await?;
-            print(j, json!({ "reload": "requested" }), || {
-                "running servers reload their policy within a second".into()
+            print(j, json!({ "reload": "requested", "policy_version": version }), || {
+                format!("policy {version} checked; running servers reload it within a second")
             });
         }
     }

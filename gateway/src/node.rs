@@ -91,6 +91,9 @@ pub struct Node {
     /// Policy files that failed to load, by content stamp, with the reason (logged once, returned
     /// by every refresh until the files change).
     bad_policy: std::sync::Mutex<Option<(u64, String)>>,
+    /// The policy files as they last loaded: while the files on disk are broken, stored changes
+    /// (a revoked permit, a new deny rule, a removed dataset) still take effect over these.
+    good_policy: std::sync::Mutex<Option<PolicyTexts>>,
     /// How long tickets live.
     pub ticket_ttl: Duration,
     /// Whether callers without a client certificate may use API keys (`[tls] allow_bearer`;
@@ -169,6 +172,21 @@ pub struct PolicyOptions {
     pub policy_file: Option<PathBuf>,
 }
 
+/// The enforcer over policy files and the store's lines.
+async fn build_authorizer(
+    texts: PolicyTexts,
+    rules: &[String],
+    permits: Vec<Permit>,
+    people: &[Principal],
+) -> std::result::Result<Authorizer, passerelle_policies::Error> {
+    let file = PolicyFile {
+        name: &texts.policy_name,
+        text: &texts.policy,
+    };
+    Authorizer::build(&texts.model, &file, rules, permits, people).await
+}
+
+#[derive(Clone)]
 struct PolicyTexts {
     model: String,
     policy: String,
@@ -345,6 +363,7 @@ impl Node {
             node_key,
             policy,
             bad_policy: std::sync::Mutex::new(None),
+            good_policy: std::sync::Mutex::new(None),
             ticket_ttl: Duration::from_secs(600),
             allow_bearer: true,
             limits: Arc::default(),
@@ -385,6 +404,38 @@ impl Node {
         metadata.and(consent).and(keys)
     }
 
+    /// [`Node::refresh`] after a write the store has committed: the change is in force even
+    /// while the policy files on disk are broken (it applies over the last good files), so that
+    /// refusal is logged, not returned as the write's failure (a client would retry a write that
+    /// landed).
+    pub async fn refresh_after_write(&self) -> Result<()> {
+        match self.refresh().await {
+            Err(Error::PolicyRefused { message }) if self.good_policy_loaded() => {
+                tracing::warn!(error = %message, "change applied over the last good policy files");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Builds the enforcer from the policy files as they are now and the stored lines, without
+    /// installing it: `policy reload` says what is wrong (file, line, reason) before asking
+    /// servers to load files they would refuse.
+    pub async fn check_policy_files(&self) -> Result<String> {
+        let texts = self.policy.read()?;
+        let rules: Vec<String> = self.meta.rules().await?.into_iter().map(|(_, line, _)| line).collect();
+        let people: Vec<Principal> = self.meta.principals().await?.into_iter().map(|p| p.principal).collect();
+        let permits = self.meta.permits().await?;
+        match build_authorizer(texts, &rules, permits, &people).await {
+            Ok(a) => Ok(a.version().to_string()),
+            Err(e) => Err(Error::PolicyRefused { message: e.to_string() }),
+        }
+    }
+
+    fn good_policy_loaded(&self) -> bool {
+        self.good_policy.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// Picks up a rotated pseudonym key. `rotate_pseudonym_key` installs the key before the
     /// version file, so a version change always finds its key in place; streams already open
     /// keep the key they started with.
@@ -419,29 +470,42 @@ impl Node {
             return Ok(());
         }
         let known_bad = self.bad_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((stamp, message)) = known_bad
-            && stamp == texts.stamp
+        if let Some((stamp, message)) = &known_bad
+            && *stamp == texts.stamp
             && version == current.meta_version
         {
             // Already logged; the previous policy stays in force until the file is fixed.
-            return Err(Error::PolicyRefused { message });
+            return Err(Error::PolicyRefused {
+                message: message.clone(),
+            });
         }
         let datasets = self.meta.datasets().await?;
         let principals = self.meta.principals().await?;
         let permits = self.meta.permits().await?;
         let rules: Vec<String> = self.meta.rules().await?.into_iter().map(|(_, line, _)| line).collect();
         let people: Vec<Principal> = principals.iter().map(|p| p.principal.clone()).collect();
-        let file = PolicyFile {
-            name: &texts.policy_name,
-            text: &texts.policy,
-        };
-        let authorizer = match Authorizer::build(&texts.model, &file, &rules, permits, &people).await {
-            Ok(a) => a,
+        let build = |texts: &PolicyTexts| build_authorizer(texts.clone(), &rules, permits.clone(), &people);
+        let (authorizer, stamp, refused) = match build(&texts).await {
+            Ok(a) => {
+                *self.good_policy.lock().unwrap_or_else(|e| e.into_inner()) = Some(texts.clone());
+                *self.bad_policy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                (a, texts.stamp, None)
+            }
             Err(e) => {
                 let message = e.to_string();
-                tracing::error!(error = %message, "policy refused; the previous policy stays in force");
+                let good = self.good_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if known_bad.as_ref().is_none_or(|(stamp, _)| *stamp != texts.stamp) {
+                    tracing::error!(error = %message, "policy files refused; the previous files stay in force");
+                }
                 *self.bad_policy.lock().unwrap_or_else(|e| e.into_inner()) = Some((texts.stamp, message.clone()));
-                return Err(Error::PolicyRefused { message });
+                // The stored lines were checked when written: over the last good files they build.
+                match good {
+                    Some(good) => match build(&good).await {
+                        Ok(a) => (a, good.stamp, Some(message)),
+                        Err(_) => return Err(Error::PolicyRefused { message }),
+                    },
+                    None => return Err(Error::PolicyRefused { message }),
+                }
             }
         };
         let policy_version = authorizer.version().to_string();
@@ -457,11 +521,14 @@ impl Node {
                 .collect(),
             principals_by_hash: principals.into_iter().map(|p| (p.key_hash, p.principal)).collect(),
             authorizer: Arc::new(authorizer),
-            policy_stamp: texts.stamp,
+            policy_stamp: stamp,
         };
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snap);
         tracing::info!(version, %policy_version, "metadata and policy loaded");
-        Ok(())
+        match refused {
+            Some(message) => Err(Error::PolicyRefused { message }),
+            None => Ok(()),
+        }
     }
 
     async fn refresh_consent(&self) -> Result<()> {

@@ -123,6 +123,43 @@ async fn a_broken_policy_file_is_refused_and_the_previous_policy_stays() {
         Some(Code::PermissionDenied)
     );
 
+    // While the file is broken, stored changes still take effect (over the last good file): a
+    // grant, then a revocation by a stored deny rule. A write is not reported as failed.
+    let mut m =
+        Manifest::from_toml(&std::fs::read_to_string(gw.data_dir().join("demo/demo_patients.toml")).unwrap()).unwrap();
+    m.name = DatasetId::parse("copy_patients").unwrap();
+    gw.node.register_dataset(&m).await.unwrap();
+    gw.node
+        .add_permit(&Permit {
+            dataset: DatasetId::parse("copy_patients").unwrap(),
+            org: "dkfz".into(),
+            purpose: Purpose::parse(AI).unwrap(),
+            expires: None,
+            special_category: false,
+        })
+        .await
+        .unwrap();
+    gw.node.refresh_after_write().await.unwrap();
+    assert!(!pull(&mut ai, path("copy_patients")).await.unwrap().is_empty());
+    let line = "p, *, DE/*, copy_patients, research, 9999-12-31T23:59:59Z, deny";
+    gw.node.meta.add_rule(line, "steward").await.unwrap();
+    gw.node.refresh_after_write().await.unwrap();
+    assert_eq!(
+        status_code(&pull(&mut ai, path("copy_patients")).await.unwrap_err()),
+        Some(Code::PermissionDenied),
+        "a deny rule stored while the file is broken is enforced"
+    );
+    let err = gw.node.refresh().await.unwrap_err().to_string();
+    assert!(
+        err.contains("policy.csv") && err.contains("line 2"),
+        "still reported: {err}"
+    );
+    assert_eq!(
+        status_code(&pull(&mut ai, path("demo_patients")).await.unwrap_err()),
+        Some(Code::PermissionDenied),
+        "the broken file's edit is not in force"
+    );
+
     std::fs::write(&file, "# lifted\n").unwrap();
     gw.node.refresh().await.unwrap();
     assert_ne!(gw.node.snapshot().authorizer.version(), version_before);

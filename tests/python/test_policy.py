@@ -17,6 +17,7 @@ import time
 import tomllib
 import urllib.parse
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow.flight as flight
@@ -210,6 +211,23 @@ def test_a_deny_line_for_every_purpose_denies_every_purpose(scratch_gateway: Gat
         _wait_access(sclient, de, PURPOSE, "allowed", "removing the line lifts it")
     finally:
         _remove_rules_with_line(gw, line)
+
+
+def test_cli_policy_reload_checks_the_files_first(scratch_gateway: Gateway, tmp_path: Path):
+    """`policy reload` names the file, line and reason of a policy file servers would refuse, exits non-zero and
+    requests nothing; once fixed it reports the version servers will load."""
+    gw = scratch_gateway
+    policy = tmp_path / "policy.csv"
+    policy.write_text("# ok\np, *, *, demo_patients\n")
+    config = tmp_path / "passerelle.toml"
+    config.write_text(f"[policy]\npolicy_file = {json.dumps(str(policy))}\n")
+    proc = run_cli(gw.bin, gw.data_dir, "policy", "reload", "--config", str(config), check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert str(policy) in proc.stderr and "line 2" in proc.stderr and "7 fields" in proc.stderr, proc.stderr
+    assert "nothing reloaded" in proc.stderr, proc.stderr
+    policy.write_text(f"p, *, *, demo_patients, {COMMERCIAL}, 9999-12-31T23:59:59Z, deny\n")
+    out = gw.cli_json("policy", "reload", "--config", str(config))
+    assert out.get("reload") == "requested" and isinstance(out.get("policy_version"), str), out
 
 
 # ------------------------------------------------------------------------------------------- 2. policy explain
