@@ -169,7 +169,7 @@ def main(cmd, *args):
             return 1
         if permit == "1":
             status, text = call("POST", f"{url}/api/v1/datasets/{name}/permits", steward,
-                                {"org": "dkfz", "purpose": "research/ai-training"}, ca)
+                                {"org": "DE/dkfz", "purpose": "research/ai-training"}, ca)
             if status not in (200, 201, 409):
                 print(f"permit on {name}: HTTP {status} {text}", file=sys.stderr)
                 return 1

@@ -97,7 +97,7 @@ def main() -> int:
             raise SystemExit(f"register: {DATASET[node]} at {node}: HTTP {status} {text[:500]}")
         if PERMIT[node]:
             status, text = call("POST", f"{url}/api/v1/datasets/{DATASET[node]}/permits", steward,
-                                {"org": "dkfz", "purpose": "research/ai-training"})
+                                {"org": "DE/dkfz", "purpose": "research/ai-training"})
             if status not in (200, 201, 409):
                 raise SystemExit(f"register: permit on {DATASET[node]}: HTTP {status} {text[:500]}")
         print(f"register: {DATASET[node]} at {node} ({STATE[node]}){' via S3' if node == 'gw-it' else ''}", flush=True)

@@ -955,12 +955,19 @@ impl Node {
     /// Adds or renews a permit for a registered dataset.
     pub async fn add_permit(&self, permit: &Permit) -> Result<()> {
         passerelle_policies::authz::check_policy_value(&permit.org)?;
-        // A permit names one organisation: `*` or `DE/*` would be read by the policy's domain
-        // matching as a wildcard and open the dataset to every organisation.
-        if permit.org.contains(['*', '/']) {
+        // A permit names one organisation, alone (`dkfz`: this node's principals of it) or with
+        // its member state (`DE/dkfz`: also peers' principals vouched for by DE). `*` or `DE/*`
+        // would be read by the policy's domain matching as a wildcard and open the dataset to
+        // every organisation.
+        let (state, org) = permit.org.split_once('/').unwrap_or(("", permit.org.as_str()));
+        if permit.org.contains('*')
+            || org.is_empty()
+            || org.contains('/')
+            || (permit.org.contains('/') && passerelle_policies::MemberState::parse(state).is_err())
+        {
             return Err(Error::invalid(
                 format!("`{}` is not an organisation name", permit.org),
-                "grant permits to one organisation at a time (wildcards are for deny rules)",
+                "grant permits to one organisation at a time, as `org` or `CC/org` (wildcards are for deny rules)",
             ));
         }
         // Stored as RFC 3339 UTC and read back as such: years outside 0000-9999 would not parse

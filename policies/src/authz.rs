@@ -89,13 +89,25 @@ pub struct Permit {
 }
 
 impl Principal {
-    /// The casbin subject. A peer node's principal (`name@home-node`, vouched for by a
-    /// federation assertion) is not in this node's registry and has no `g` line: casbin sees it
-    /// by its role, so permits to its organisation and rules for its domain apply to it, and
-    /// rules naming one of this node's principals do not.
+    /// A peer node's principal (`name@home-node`, vouched for by a federation assertion), not
+    /// one of this node's registry.
+    pub fn is_peer(&self) -> bool {
+        self.name.contains('@')
+    }
+
+    /// The casbin subject. A peer node's principal has no `g` line here: casbin sees it as
+    /// `<role>@peer` (e.g. `trainer@peer`), so rules for `*` and for its domain apply to it,
+    /// permits apply only when they name its member state (`DE/dkfz`: the peer vouches for its
+    /// own member state only, so an organisation name alone proves nothing), and rules naming
+    /// one of this node's principals or its roles do not.
     pub fn subject(&self) -> &str {
-        if self.name.contains('@') {
-            self.role.as_str()
+        if self.is_peer() {
+            match self.role {
+                Role::Trainer => PEER_TRAINER,
+                Role::Steward => "steward@peer",
+                Role::Auditor => "auditor@peer",
+                Role::Admin => "admin@peer",
+            }
         } else {
             &self.name
         }
@@ -105,6 +117,20 @@ impl Principal {
     /// (`DE/*`), an organisation (`dkfz`) or both (`DE/dkfz`).
     pub fn domain(&self) -> String {
         format!("{}/{}", self.member_state, self.org)
+    }
+}
+
+/// The casbin subject of a peer node's trainer (see [`Principal::subject`]).
+pub const PEER_TRAINER: &str = "trainer@peer";
+
+/// Whether `permit` names `principal`'s organisation: a permit naming a member state
+/// (`DE/dkfz`) names that organisation of that state, for this node's principals and peers'
+/// alike; a bare organisation (`dkfz`) names this node's principals of it only (a peer could
+/// claim any organisation name; only its member state is vouched for).
+pub fn permit_names(permit: &Permit, principal: &Principal) -> bool {
+    match permit.org.split_once('/') {
+        Some((state, org)) => state == principal.member_state && org == principal.org,
+        None => !principal.is_peer() && permit.org == principal.org,
     }
 }
 
@@ -304,13 +330,21 @@ impl Authorizer {
         for p in &permits {
             let exp = p.expires.map_or_else(|| NO_EXPIRY.to_string(), policy_time);
             let org = csv_safe(&p.org)?;
-            let _ = writeln!(text, "p, trainer, {org}, {}, {}, {exp}, allow", p.dataset, p.purpose);
-            if p.special_category {
-                let _ = writeln!(
-                    text,
-                    "p, trainer, {org}, {}{SPECIAL_SUFFIX}, {}, {exp}, allow",
-                    p.dataset, p.purpose
-                );
+            // See `permit_names`: peers' trainers only under a permit naming their member state.
+            let subjects: &[&str] = if org.contains('/') {
+                &["trainer", PEER_TRAINER]
+            } else {
+                &["trainer"]
+            };
+            for sub in subjects {
+                let _ = writeln!(text, "p, {sub}, {org}, {}, {}, {exp}, allow", p.dataset, p.purpose);
+                if p.special_category {
+                    let _ = writeln!(
+                        text,
+                        "p, {sub}, {org}, {}{SPECIAL_SUFFIX}, {}, {exp}, allow",
+                        p.dataset, p.purpose
+                    );
+                }
             }
         }
         for pr in principals {
@@ -359,11 +393,13 @@ impl Authorizer {
     /// Whether the principal may know the dataset exists: its organisation controls it or holds an
     /// unexpired permit for it. Invisible datasets are reported exactly like missing ones.
     pub fn visible(&self, principal: &Principal, dataset: &DatasetPolicy, now: DateTime<Utc>) -> bool {
-        principal.org == dataset.controller
+        let controls = principal.org == dataset.controller
+            && (!principal.is_peer() || principal.member_state == dataset.member_state.as_str());
+        controls
             || self
                 .permits
                 .iter()
-                .any(|p| p.dataset == dataset.name && p.org == principal.org && p.expires.is_none_or(|e| e > now))
+                .any(|p| p.dataset == dataset.name && permit_names(p, principal) && p.expires.is_none_or(|e| e > now))
     }
 
     /// Whether an allowed request may also receive the dataset's special-category (Art. 9)
@@ -702,6 +738,71 @@ mod tests {
         );
         assert!(object_matches("demo#special", "*", "deny") && !object_matches("demo#special", "*", "allow"));
         assert!(!object_matches("demo", "*#special", "allow") && object_matches("demo", "*", "allow"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_principal_needs_a_permit_naming_its_member_state() {
+        // This node's trainer of aphp (FR), and peers' principals: DE's node vouches for DE only,
+        // so "aphp" claimed by DE is not FR's aphp; dkfz vouched for by DE is DE's dkfz.
+        let local = Principal {
+            name: "t-fr".into(),
+            org: "aphp".into(),
+            member_state: "FR".into(),
+            role: Role::Trainer,
+        };
+        let peer = |org: &str| Principal {
+            name: "t@gw-de".into(),
+            org: org.into(),
+            member_state: "DE".into(),
+            role: Role::Trainer,
+        };
+        let permits = vec![
+            permit("aphp", "research", None),
+            permit("DE/dkfz", "research", None),
+            permit("FR/inserm", "research", None),
+        ];
+        let a = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], permits, &[local.clone()])
+            .await
+            .unwrap();
+        let ds = dataset(&["research"]);
+        let now = Utc::now();
+        let ai = p("research/ai-training");
+        let allowed = |who: &Principal| a.decide(who, &ds, &ai, now).unwrap().allow;
+        assert!(
+            allowed(&local) && a.visible(&local, &ds, now),
+            "a bare permit names this node's principals"
+        );
+        assert!(
+            !allowed(&peer("aphp")) && !a.visible(&peer("aphp"), &ds, now),
+            "a peer claiming a bare permit's organisation gets nothing, not even the dataset's existence"
+        );
+        assert!(!a.visible(&peer("aphp"), &ds, now), "nor does it control FR's dataset");
+        assert!(allowed(&peer("dkfz")) && a.visible(&peer("dkfz"), &ds, now));
+        assert!(
+            !allowed(&peer("inserm")) && !a.visible(&peer("inserm"), &ds, now),
+            "FR/inserm is not DE's"
+        );
+        let fr_dkfz = Principal {
+            member_state: "FR".into(),
+            ..peer("dkfz")
+        };
+        assert!(!allowed(&fr_dkfz) && !a.visible(&fr_dkfz, &ds, now));
+        // A qualified permit names this node's principals of that state too.
+        let local_inserm = Principal {
+            name: "t-inserm".into(),
+            org: "inserm".into(),
+            ..local.clone()
+        };
+        let b = Authorizer::build(
+            DEFAULT_MODEL,
+            &DEFAULT_POLICY_FILE,
+            &[],
+            vec![permit("FR/inserm", "research", None)],
+            &[local_inserm.clone()],
+        )
+        .await
+        .unwrap();
+        assert!(b.decide(&local_inserm, &ds, &ai, now).unwrap().allow && b.visible(&local_inserm, &ds, now));
     }
 
     #[test]

@@ -63,6 +63,9 @@ FEDERATION = "eu_diabetes"
 HOME = "gw-de"
 TRAINER = "trainer-de"                      # a demo principal of every node (dkfz, DE)
 ORG = "dkfz"
+# Permits for peers' principals name the member state that vouches for them: a bare `dkfz` names only a node's own
+# principals of dkfz (a peer could claim any organisation name).
+PERMIT_ORG = "DE/dkfz"
 FEDERATED_PRINCIPAL = f"{TRAINER}@{HOME}"   # how peers name it in their audit
 STEWARD = "steward-fr"                      # steward of aphp, the controller of every node's demo data
 ASSERTION_HEADER = "x-passerelle-assertion"
@@ -436,7 +439,7 @@ def register_part(node: FedNode) -> None:
     assert resp.status in (200, 201), f"{node.node_id}: registering {node.spec.dataset}: {resp.status} {resp.text[:800]}"
     if node.spec.permit:
         resp = node.rest("POST", f"/api/v1/datasets/{node.spec.dataset}/permits", key=steward,
-                         body={"org": ORG, "purpose": PURPOSE})
+                         body={"org": PERMIT_ORG, "purpose": PURPOSE})
         assert resp.status in (200, 201), f"{node.node_id}: permit: {resp.status} {resp.text[:800]}"
 
 
@@ -1094,7 +1097,7 @@ def sql_parts(fed: Federation) -> dict[str, int]:
         steward = node.key(STEWARD)
         resp = node.rest("POST", "/api/v1/datasets", key=steward, body=manifest)
         assert resp.status in (200, 201), resp.text[:500]
-        resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": ORG, "purpose": PURPOSE})
+        resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": PERMIT_ORG, "purpose": PURPOSE})
         assert resp.status in (200, 201), resp.text[:500]
         c = node.connect()
         try:
@@ -1251,6 +1254,33 @@ def test_a_federated_limit_bounds_all_parts_together(fed: Federation, mixed_part
     assert sum(rows.values()) == limit and max(rows.values()) == -(-limit // 2), rows
 
 
+def test_a_bare_organisation_permit_does_not_reach_a_peers_principal(fed: Federation):
+    """gw-fr grants `dkfz` (bare): its own trainer of dkfz may pull, but gw-de's principal of dkfz is refused there, for
+    any peer could claim that name; `DE/dkfz` (vouched for by DE's node) lets it in."""
+    fr = fed.nodes["gw-fr"]
+    register_aggregable_part(fr, "bare_fr", "eu_bare", permit_org=ORG)  # returns once fr's own trainer may use it
+    with pytest.raises(flight.FlightUnauthorizedError) as refused:
+        fed.get_info(dataset="eu_bare")
+    assert "gw-fr" in str(refused.value), str(refused.value)
+    steward = fr.key(STEWARD)
+    resp = fr.rest("POST", "/api/v1/datasets/bare_fr/permits", key=steward, body={"org": PERMIT_ORG, "purpose": PURPOSE})
+    assert resp.status in (200, 201), resp.text[:500]
+    answer, _ = poll_until(lambda: _try_info(fed, "eu_bare"), deadline=PEER_HEALTH_DEADLINE, interval=0.25,
+                           what="gw-fr answers gw-de's principal under DE/dkfz")
+    assert fed.parse(answer, "eu_bare").status() == {"gw-fr": "ok"}
+    # A permit naming a wildcard or a malformed member state is refused.
+    for bad in ("DE/*", "*", "de/dkfz", "DE/a/b"):
+        resp = fr.rest("POST", "/api/v1/datasets/bare_fr/permits", key=steward, body={"org": bad, "purpose": PURPOSE})
+        assert resp.status == 400, (bad, resp.status, resp.text[:300])
+
+
+def _try_info(fed: Federation, dataset: str) -> flight.FlightInfo | None:
+    try:
+        return fed.get_info(dataset=dataset)
+    except flight.FlightUnauthorizedError:
+        return None
+
+
 def test_federated_sql_pushes_columns_and_filters_to_each_node(fed: Federation, sql_parts):
     since = datetime.now(timezone.utc).isoformat()
     with adbc_home(fed) as conn:
@@ -1323,7 +1353,7 @@ AGG_NODES = {"gw-fr": "agg_fr", "gw-de": "agg_de"}
 
 
 def register_aggregable_part(node: FedNode, name: str, federation: str, columns: dict[str, Any] | None = None,
-                             aggregates_only: bool = False) -> None:
+                             aggregates_only: bool = False, permit_org: str = PERMIT_ORG) -> None:
     """`node`'s demo manifest as `name` in `federation` (optionally released as aggregates only with the floor
     AGG_FLOOR, and with column classes replaced), registered by the steward with dkfz's permit; returns once
     trainer-de may aggregate it there."""
@@ -1337,7 +1367,7 @@ def register_aggregable_part(node: FedNode, name: str, federation: str, columns:
     steward = node.key(STEWARD)
     resp = node.rest("POST", "/api/v1/datasets", key=steward, body=manifest)
     assert resp.status in (200, 201), resp.text[:500]
-    resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": ORG, "purpose": PURPOSE})
+    resp = node.rest("POST", f"/api/v1/datasets/{name}/permits", key=steward, body={"org": permit_org, "purpose": PURPOSE})
     assert resp.status in (200, 201), resp.text[:500]
 
     def permitted():
