@@ -761,9 +761,15 @@ mod tests {
             permit("DE/dkfz", "research", None),
             permit("FR/inserm", "research", None),
         ];
-        let a = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], permits, &[local.clone()])
-            .await
-            .unwrap();
+        let a = Authorizer::build(
+            DEFAULT_MODEL,
+            &DEFAULT_POLICY_FILE,
+            &[],
+            permits,
+            std::slice::from_ref(&local),
+        )
+        .await
+        .unwrap();
         let ds = dataset(&["research"]);
         let now = Utc::now();
         let ai = p("research/ai-training");
@@ -798,7 +804,7 @@ mod tests {
             &DEFAULT_POLICY_FILE,
             &[],
             vec![permit("FR/inserm", "research", None)],
-            &[local_inserm.clone()],
+            std::slice::from_ref(&local_inserm),
         )
         .await
         .unwrap();
