@@ -249,6 +249,7 @@ fn policy_status(p: &passerelle_policies::Error) -> StatusClass {
         | P::InvalidManifest { .. }
         | P::InvalidConsentEvent { .. }
         | P::InvalidPolicyLine { .. }
+        | P::InvalidModel { .. }
         | P::Unsupported { .. } => StatusClass::InvalidArgument,
         P::AccessDenied { .. } => StatusClass::PermissionDenied,
         P::SourceRead { .. } => StatusClass::Unavailable,

@@ -129,9 +129,18 @@ pub async fn explain(
         && snap
             .authorizer
             .allows_special_category(&principal, &policy, purpose, chrono::Utc::now())?;
+    // Counted in the set the gate itself probes (the subject column's kind): the same number,
+    // and no second set of every subject built for the asking.
+    let kind = match node.open_source(&manifest, snap.meta_version).await {
+        Ok(source) => source
+            .schema()
+            .field_with_name(&policy.subject_column)
+            .map_or(KeyKind::Str, |f| KeyKind::of(f.data_type())),
+        Err(_) => KeyKind::Str,
+    };
     let counted = node
         .consent
-        .subject_set(&policy.consent_registry, purpose, policy.legal_basis, KeyKind::Str)
+        .subject_set(&policy.consent_registry, purpose, policy.legal_basis, kind)
         .set
         .len();
     let columns = policy

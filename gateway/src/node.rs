@@ -183,12 +183,23 @@ async fn build_authorizer(
         name: &texts.policy_name,
         text: &texts.policy,
     };
-    Authorizer::build(&texts.model, &file, rules, permits, people).await
+    Authorizer::build(&texts.model, &file, rules, permits, people)
+        .await
+        .map_err(|e| match e {
+            // Name the model file: casbin's message does not.
+            passerelle_policies::Error::Casbin { .. } | passerelle_policies::Error::InvalidModel { .. } => {
+                passerelle_policies::Error::InvalidModel {
+                    reason: format!("{}: {e}", texts.model_name),
+                }
+            }
+            other => other,
+        })
 }
 
 #[derive(Clone)]
 struct PolicyTexts {
     model: String,
+    model_name: String,
     policy: String,
     policy_name: String,
     stamp: u64,
@@ -203,9 +214,9 @@ impl PolicyOptions {
                 source,
             })
         };
-        let model = match &self.model_file {
-            Some(p) => read(p)?,
-            None => DEFAULT_MODEL.to_string(),
+        let (model, model_name) = match &self.model_file {
+            Some(p) => (read(p)?, p.display().to_string()),
+            None => (DEFAULT_MODEL.to_string(), "the built-in model".to_string()),
         };
         let (policy, policy_name) = match &self.policy_file {
             Some(p) => (read(p)?, p.display().to_string()),
@@ -219,6 +230,7 @@ impl PolicyOptions {
         (&model, &policy).hash(&mut h);
         Ok(PolicyTexts {
             model,
+            model_name,
             policy,
             policy_name,
             stamp: h.finish(),

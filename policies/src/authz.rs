@@ -95,21 +95,22 @@ impl Principal {
         self.name.contains('@')
     }
 
-    /// The casbin subject. A peer node's principal has no `g` line here: casbin sees it as
-    /// `<role>@peer` (e.g. `trainer@peer`), so rules for `*` and for its domain apply to it,
-    /// permits apply only when they name its member state (`DE/dkfz`: the peer vouches for its
-    /// own member state only, so an organisation name alone proves nothing), and rules naming
-    /// one of this node's principals or its roles do not.
+    /// The casbin subject. A peer node's principal (`name@home-node`) is not in this node's
+    /// registry and has no `g` line: casbin sees it by its role, so rules for its role and
+    /// domain apply to it, and rules naming one of this node's principals do not.
     pub fn subject(&self) -> &str {
+        if self.is_peer() { self.role.as_str() } else { &self.name }
+    }
+
+    /// The casbin request domain: [`Principal::domain`], marked `#peer` for a peer node's
+    /// principal (`#` never occurs in a policy line's domain). The peer vouches for its member
+    /// state only, so an allow line naming a bare organisation (`dkfz`) does not reach it; see
+    /// [`domain_matches`].
+    pub fn request_domain(&self) -> String {
         if self.is_peer() {
-            match self.role {
-                Role::Trainer => PEER_TRAINER,
-                Role::Steward => "steward@peer",
-                Role::Auditor => "auditor@peer",
-                Role::Admin => "admin@peer",
-            }
+            format!("{}{PEER_MARK}", self.domain())
         } else {
-            &self.name
+            self.domain()
         }
     }
 
@@ -120,8 +121,8 @@ impl Principal {
     }
 }
 
-/// The casbin subject of a peer node's trainer (see [`Principal::subject`]).
-pub const PEER_TRAINER: &str = "trainer@peer";
+/// Marks a peer node's principal's request domain (see [`Principal::request_domain`]).
+const PEER_MARK: &str = "#peer";
 
 /// Whether `permit` names `principal`'s organisation: a permit naming a member state
 /// (`DE/dkfz`) names that organisation of that state, for this node's principals and peers'
@@ -180,21 +181,31 @@ impl std::fmt::Debug for Authorizer {
     }
 }
 
-/// `domainMatch(r.dom, p.dom)`: `*`, `CC/*`, `CC/org` or a bare `org`.
-pub fn domain_matches(request: &str, pattern: &str) -> bool {
+/// `domainMatch(r.dom, p.dom, p.eft)`: `*`, `CC/*`, `CC/org` or a bare `org`. A bare
+/// organisation names any member state's organisation of that name, except that an allow line
+/// naming one does not reach a peer node's principal (a peer vouches for its member state, not
+/// for which organisation names are whose): `DE/dkfz` does. Deny lines reach everyone they name.
+pub fn domain_matches(request: &str, pattern: &str, effect: &str) -> bool {
+    let (request, peer) = match request.strip_suffix(PEER_MARK) {
+        Some(r) => (r, true),
+        None => (request, false),
+    };
     if pattern == "*" || request == pattern {
         return true;
     }
     if let Some(state) = pattern.strip_suffix("/*") {
         return request.split_once('/').is_some_and(|(cc, _)| cc == state);
     }
-    !pattern.contains('/') && request.split_once('/').is_some_and(|(_, org)| org == pattern)
+    !pattern.contains('/')
+        && !(peer && effect != "deny")
+        && request.split_once('/').is_some_and(|(_, org)| org == pattern)
 }
 
-fn domain_match(a: Dynamic, b: Dynamic) -> Dynamic {
+fn domain_match(a: Dynamic, b: Dynamic, c: Dynamic) -> Dynamic {
     let a = casbin::function_map::dynamic_to_str(&a);
     let b = casbin::function_map::dynamic_to_str(&b);
-    domain_matches(&a, &b).into()
+    let c = casbin::function_map::dynamic_to_str(&c);
+    domain_matches(&a, &b, &c).into()
 }
 
 /// `purposeCovers(p.act, r.act)`: `*` covers every purpose, a purpose itself and its descendants.
@@ -264,12 +275,12 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
                 }
                 let dom = fields[2];
                 let dom_ok = match dom.split_once('/') {
-                    None => !MEMBER_STATE_CODES.contains(&dom),
+                    None => !MEMBER_STATE_CODES.contains(&dom) && !dom.contains('#'),
                     Some((cc, org)) => {
                         cc.len() == 2
                             && cc.bytes().all(|b| b.is_ascii_uppercase())
                             && !org.is_empty()
-                            && !org.contains('/')
+                            && !org.contains(['/', '#'])
                     }
                 };
                 if !dom_ok {
@@ -330,21 +341,13 @@ impl Authorizer {
         for p in &permits {
             let exp = p.expires.map_or_else(|| NO_EXPIRY.to_string(), policy_time);
             let org = csv_safe(&p.org)?;
-            // See `permit_names`: peers' trainers only under a permit naming their member state.
-            let subjects: &[&str] = if org.contains('/') {
-                &["trainer", PEER_TRAINER]
-            } else {
-                &["trainer"]
-            };
-            for sub in subjects {
-                let _ = writeln!(text, "p, {sub}, {org}, {}, {}, {exp}, allow", p.dataset, p.purpose);
-                if p.special_category {
-                    let _ = writeln!(
-                        text,
-                        "p, {sub}, {org}, {}{SPECIAL_SUFFIX}, {}, {exp}, allow",
-                        p.dataset, p.purpose
-                    );
-                }
+            let _ = writeln!(text, "p, trainer, {org}, {}, {}, {exp}, allow", p.dataset, p.purpose);
+            if p.special_category {
+                let _ = writeln!(
+                    text,
+                    "p, trainer, {org}, {}{SPECIAL_SUFFIX}, {}, {exp}, allow",
+                    p.dataset, p.purpose
+                );
             }
         }
         for pr in principals {
@@ -367,8 +370,30 @@ impl Authorizer {
                 source: Box::new(e),
             })?;
         enforcer.add_function("purposeCovers", OperatorFunction::Arg2(purpose_covers));
-        enforcer.add_function("domainMatch", OperatorFunction::Arg2(domain_match));
+        enforcer.add_function("domainMatch", OperatorFunction::Arg3(domain_match));
         enforcer.add_function("objectMatch", OperatorFunction::Arg3(object_match));
+        // A model can parse and still be unable to decide (an effect casbin does not support
+        // panics in `enforce`, a matcher naming an unknown field errors): decide one request now,
+        // so such a model is refused at load, never on every request afterwards.
+        let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            enforcer.enforce(("probe", "ZZ/probe", "probe", "probe", NO_EXPIRY))
+        }));
+        match probe {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Casbin {
+                    op: "decide with the model",
+                    source: Box::new(e),
+                });
+            }
+            Err(_) => {
+                return Err(Error::InvalidModel {
+                    reason:
+                        "the policy engine cannot decide with this model (is its [policy_effect] one casbin supports?)"
+                            .into(),
+                });
+            }
+        }
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(format!("{model}\n--\n{text}").as_bytes());
         let version = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
@@ -415,7 +440,7 @@ impl Authorizer {
         self.enforcer
             .enforce((
                 principal.subject(),
-                principal.domain().as_str(),
+                principal.request_domain().as_str(),
                 object.as_str(),
                 purpose.as_str(),
                 policy_time(now).as_str(),
@@ -462,7 +487,7 @@ impl Authorizer {
             .enforcer
             .enforce_ex((
                 principal.subject(),
-                principal.domain().as_str(),
+                principal.request_domain().as_str(),
                 dataset.name.as_str(),
                 purpose.as_str(),
                 policy_time(now).as_str(),
@@ -676,11 +701,15 @@ mod tests {
             .unwrap();
         assert_ne!(a.version(), b.version());
         assert!(
-            domain_matches("DE/dkfz", "dkfz")
-                && domain_matches("DE/dkfz", "DE/*")
-                && !domain_matches("FR/aphp", "DE/*")
+            domain_matches("DE/dkfz", "dkfz", "allow")
+                && domain_matches("DE/dkfz", "DE/*", "allow")
+                && !domain_matches("FR/aphp", "DE/*", "allow")
         );
-        assert!(!domain_matches("DE/dkfz", "dkf") && !domain_matches("DE/dkfz", "FR/dkfz"));
+        assert!(!domain_matches("DE/dkfz", "dkf", "allow") && !domain_matches("DE/dkfz", "FR/dkfz", "allow"));
+        // A peer's principal: a bare organisation allows nothing, denies all the same.
+        assert!(!domain_matches("DE/dkfz#peer", "dkfz", "allow") && domain_matches("DE/dkfz#peer", "dkfz", "deny"));
+        assert!(domain_matches("DE/dkfz#peer", "DE/dkfz", "allow") && domain_matches("DE/dkfz#peer", "DE/*", "allow"));
+        assert!(domain_matches("DE/dkfz#peer", "*", "allow") && !domain_matches("DE/dkfz#peer", "FR/*", "deny"));
     }
 
     #[tokio::test]
@@ -793,6 +822,17 @@ mod tests {
             ..peer("dkfz")
         };
         assert!(!allowed(&fr_dkfz) && !a.visible(&fr_dkfz, &ds, now));
+        // A deny line naming the bare organisation reaches the peer's principal.
+        let denied = Authorizer::build(
+            DEFAULT_MODEL,
+            &DEFAULT_POLICY_FILE,
+            &["p, *, dkfz, demo, research, 9999-12-31T23:59:59Z, deny".to_string()],
+            vec![permit("DE/dkfz", "research", None)],
+            &[],
+        )
+        .await
+        .unwrap();
+        assert!(!denied.decide(&peer("dkfz"), &ds, &ai, now).unwrap().allow);
         // A qualified permit names this node's principals of that state too.
         let local_inserm = Principal {
             name: "t-inserm".into(),
@@ -809,6 +849,39 @@ mod tests {
         .await
         .unwrap();
         assert!(b.decide(&local_inserm, &ds, &ai, now).unwrap().allow && b.visible(&local_inserm, &ds, now));
+    }
+
+    #[tokio::test]
+    async fn a_model_that_cannot_decide_is_refused_when_loaded() {
+        let people = vec![principal("t-de", "dkfz", Role::Trainer)];
+        let effect = "e = some(where (p.eft == allow)) && !some(where (p.eft == deny))";
+        assert!(DEFAULT_MODEL.contains(effect));
+        let unsupported = DEFAULT_MODEL.replace(effect, "e = some(where (p.eft == deny))");
+        let err = Authorizer::build(&unsupported, &DEFAULT_POLICY_FILE, &[], vec![], &people)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidModel { .. }), "{err}");
+        // A matcher naming a request field the model does not define (a typo).
+        let matcher = "m = (p.sub == \"*\"";
+        assert!(DEFAULT_MODEL.contains(matcher));
+        let unknown = DEFAULT_MODEL.replace(matcher, "m = r.purpose == p.act && (p.sub == \"*\"");
+        let err = Authorizer::build(&unknown, &DEFAULT_POLICY_FILE, &[], vec![], &people)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Casbin { .. }), "{err}");
+        // With no line at all, the default model decides (deny).
+        let empty = PolicyFile {
+            name: "empty",
+            text: "",
+        };
+        let a = Authorizer::build(DEFAULT_MODEL, &empty, &[], vec![], &people)
+            .await
+            .unwrap();
+        assert!(
+            !a.decide(&people[0], &dataset(&["research"]), &p("research"), Utc::now())
+                .unwrap()
+                .allow
+        );
     }
 
     #[test]

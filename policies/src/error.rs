@@ -47,6 +47,9 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The model loads but cannot decide a request.
+    #[error("model: {reason}")]
+    InvalidModel { reason: String },
     /// casbin failed to load or evaluate the model.
     #[error("policy engine: {op} failed: {source}")]
     Casbin {

@@ -191,8 +191,10 @@ def test_permit_expiry_out_of_range_is_refused_and_the_node_keeps_working(scratc
     assert ok.status in (200, 201), ok.text[:500]
 
 
-@pytest.mark.parametrize("org", ["*", "DE/*", "DE/dkfz"])
+@pytest.mark.parametrize("org", ["*", "DE/*", "de/dkfz", "DE/a/b", "DEU/dkfz", "DE/"])
 def test_permits_name_one_organisation(scratch_gateway: Gateway, org):
+    """A permit names one organisation, `org` or `CC/org` (federation: see test_federation); never a wildcard or a
+    malformed member state."""
     gw = scratch_gateway
     resp = http("POST", gw.url(f"/api/v1/datasets/{DATASET}/permits"), key=gw.keys["steward-fr"],
                 body={"org": org, "purpose": PURPOSE})

@@ -31,6 +31,18 @@ pub enum KeyKind {
     Str,
 }
 
+impl KeyKind {
+    /// The kind of set a subject column of type `dt` is probed against.
+    pub fn of(dt: &arrow::datatypes::DataType) -> Self {
+        use arrow::datatypes::DataType as T;
+        match dt {
+            T::Int32 | T::Int64 => KeyKind::Int,
+            T::Dictionary(_, v) if v.is_integer() => KeyKind::Int,
+            _ => KeyKind::Str,
+        }
+    }
+}
+
 /// Time source for consent validity, injectable so that tests can move time.
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Microseconds since the Unix epoch.
@@ -139,6 +151,15 @@ struct Registry {
 }
 
 impl Registry {
+    /// The deepest of `purpose` and its ancestors that an event names, if any.
+    fn named_ancestor(&self, purpose: &Purpose) -> Option<Purpose> {
+        purpose
+            .self_and_ancestors()
+            .into_iter()
+            .rev()
+            .find(|p| self.by_purpose.contains_key(p))
+    }
+
     /// Keeps compiled sets current after one event, changing only the subject's membership, so
     /// a withdrawal costs microseconds however many subjects the registry holds. Sets that cannot
     /// be patched in place are dropped and recompiled on next use.
@@ -443,33 +464,43 @@ impl ConsentIndex {
     }
 
     /// The compiled set for a request, with the registry version it reflects and how long it holds.
+    ///
+    /// The set of a purpose depends only on the events for it and its ancestors, so it is cached
+    /// under the deepest of those that an event names: callers choose purposes freely
+    /// (`research/ai-training/<anything>`), and what they send must not grow the cache; the
+    /// number of sets is bounded by the purposes the registry's events name.
     pub fn subject_set(&self, registry: &str, purpose: &Purpose, basis: LegalBasis, kind: KeyKind) -> ConsentSnapshot {
-        let key = (purpose.clone(), basis, kind);
         let now = self.clock.now_micros();
-        let empty = || ConsentSnapshot {
-            version: 0,
+        let empty = |version: u64| ConsentSnapshot {
+            version,
             valid_until: i64::MAX,
             set: Arc::new(SubjectSet::compile_ints(Vec::new())),
         };
         {
             let inner = self.read();
-            match inner.registries.get(registry) {
-                None => return empty(),
-                Some(reg) => {
-                    if let Some(snap) = reg.compiled.get(&key).filter(|s| now < s.valid_until) {
-                        return snap.clone();
-                    }
-                }
+            let Some(reg) = inner.registries.get(registry) else {
+                return empty(0);
+            };
+            // No event names the purpose or an ancestor: nobody consented, nobody objected.
+            let Some(named) = reg.named_ancestor(purpose) else {
+                return empty(reg.version);
+            };
+            if let Some(snap) = reg.compiled.get(&(named, basis, kind)).filter(|s| now < s.valid_until) {
+                return snap.clone();
             }
         }
         let mut inner = self.write();
         let Some(reg) = inner.registries.get_mut(registry) else {
-            return empty();
+            return empty(0);
         };
+        let Some(named) = reg.named_ancestor(purpose) else {
+            return empty(reg.version);
+        };
+        let key = (named, basis, kind);
         if let Some(snap) = reg.compiled.get(&key).filter(|s| now < s.valid_until) {
             return snap.clone();
         }
-        let (set, valid_until) = compile(reg, purpose, basis, kind, now);
+        let (set, valid_until) = compile(reg, &key.0, basis, kind, now);
         let snap = ConsentSnapshot {
             version: reg.version,
             valid_until,
@@ -645,6 +676,54 @@ mod tests {
         let objectors = idx.subject_set("r", &ai, LegalBasis::PublicInterest, KeyKind::Int).set;
         assert!(objectors.contains_i64(1) && objectors.contains_i64(2) && objectors.contains_i64(4));
         assert_eq!(objectors.len(), 3);
+    }
+
+    #[test]
+    fn purposes_callers_invent_share_one_cached_set() {
+        let idx = ConsentIndex::new();
+        idx.apply([
+            (1, "r", &ev("1", "research", "granted", 1)),
+            (2, "r", &ev("2", "research/ai-training", "granted", 2)),
+            (3, "r", &ev("1", "research/ai-training/ads", "withdrawn", 3)),
+        ]);
+        let set = |p: &str| {
+            let snap = idx.subject_set("r", &Purpose::parse(p).unwrap(), LegalBasis::Consent, KeyKind::Int);
+            assert_eq!(snap.version, idx.registry_version("r"), "{p}");
+            let mut members: Vec<i64> = (0..5).filter(|i| snap.set.contains_i64(*i)).collect();
+            members.sort_unstable();
+            members
+        };
+        for i in 0..1000 {
+            assert_eq!(set(&format!("research/ai-training/x{i}/y")), vec![1, 2]);
+        }
+        assert_eq!(
+            idx.read().registries["r"].compiled.len(),
+            1,
+            "a thousand purposes, one set"
+        );
+        assert_eq!(
+            set("research/ai-training/ads/video"),
+            vec![2],
+            "a named sub-purpose has its own events"
+        );
+        assert_eq!(set("research/other"), vec![1]);
+        assert_eq!(set("marketing"), Vec::<i64>::new(), "no event names it or an ancestor");
+        assert_eq!(idx.read().registries["r"].compiled.len(), 3);
+        // Incremental patches reach the shared set.
+        idx.apply([(4, "r", &ev("2", "research", "withdrawn", 4))]);
+        assert_eq!(
+            set("research/ai-training/x7"),
+            vec![1],
+            "the later withdrawal from an ancestor decides for 2"
+        );
+        idx.apply([(5, "r", &ev("1", "research/ai-training", "withdrawn", 5))]);
+        let snap = idx.subject_set(
+            "r",
+            &Purpose::parse("research/ai-training/x9").unwrap(),
+            LegalBasis::Consent,
+            KeyKind::Int,
+        );
+        assert!(!snap.set.contains_i64(1) && !snap.set.contains_i64(2) && snap.version == 5);
     }
 
     #[test]

@@ -105,11 +105,7 @@ impl Grant {
                 what: format!("subject column of type {subject_type}"),
             });
         }
-        let kind = match subject_type {
-            DataType::Int32 | DataType::Int64 => KeyKind::Int,
-            DataType::Dictionary(_, v) if v.is_integer() => KeyKind::Int,
-            _ => KeyKind::Str,
-        };
+        let kind = KeyKind::of(subject_type);
         let mut fields = Vec::new();
         let mut columns = Vec::new();
         for (i, field) in raw_schema.fields().iter().enumerate() {
