@@ -196,9 +196,9 @@ pub fn domain_matches(request: &str, pattern: &str, effect: &str) -> bool {
     if let Some(state) = pattern.strip_suffix("/*") {
         return request.split_once('/').is_some_and(|(cc, _)| cc == state);
     }
-    !pattern.contains('/')
-        && !(peer && effect != "deny")
-        && request.split_once('/').is_some_and(|(_, org)| org == pattern)
+    // A bare organisation: not for a peer's principal, unless the line denies.
+    let bare_reaches = !peer || effect == "deny";
+    !pattern.contains('/') && bare_reaches && request.split_once('/').is_some_and(|(_, org)| org == pattern)
 }
 
 fn domain_match(a: Dynamic, b: Dynamic, c: Dynamic) -> Dynamic {
