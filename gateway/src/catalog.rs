@@ -510,7 +510,8 @@ pub async fn plan_for(
     }
     let is_filled = |name: &str| filled.iter().any(|(n, _)| n == name);
     let check_column = |name: &str| -> Result<()> {
-        if is_filled(name) {
+        // Filled, or released (a nullified direct identifier is released, as nulls).
+        if is_filled(name) || released.field_with_name(name).is_ok() {
             return Ok(());
         }
         match policy.columns.get(name).map(|c| c.class) {

@@ -396,14 +396,17 @@ async fn run_policy(cli: &Cli, node: &Node, cmd: &PolicyCmd) -> anyhow::Result<(
         PolicyCmd::Reload { config } => {
             let cfg = effective_config(cli, config.as_ref(), None)?;
             let checked = Node::open_with(&cfg.data_dir.clone().unwrap_or_else(default_data_dir), cfg.policy).await?;
-            let version = checked
+            let (version, model, policy) = checked
                 .check_policy_files()
                 .await
                 .context("servers would refuse these policy files and keep the previous policy; nothing reloaded")?;
             node.meta.request_reload().await?;
-            print(j, json!({ "reload": "requested", "policy_version": version }), || {
-                format!("policy {version} checked; running servers reload it within a second")
-            });
+            // Servers load the files their own configuration names: say which were checked here.
+            print(
+                j,
+                json!({ "reload": "requested", "policy_version": version, "model": model, "policy": policy }),
+                || format!("checked {model} and {policy} (policy {version}); running servers reload within a second"),
+            );
         }
     }
     Ok(())

@@ -815,6 +815,16 @@ fn aligned(
             });
         used.extend(parsed.iter().flat_map(|e| e.column_refs()).map(|c| c.name.clone()));
     }
+    // A dictionary column is filled as its value type, which would not match the parts that
+    // send the dictionary: such requests keep each part's own columns.
+    let dictionary = |name: &String| {
+        schema
+            .field_with_name(name)
+            .is_ok_and(|f| matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(_, _)))
+    };
+    if used.iter().any(dictionary) {
+        return (cmd.columns.clone(), cmd.fill_nulls.clone());
+    }
     let mut fill = cmd.fill_nulls.clone().unwrap_or_default();
     fill.extend(crate::federated_sql::fill_nulls(schema, used));
     if fill.len() > catalog::MAX_COLUMNS || columns.as_ref().is_some_and(|c| c.len() > catalog::MAX_COLUMNS) {

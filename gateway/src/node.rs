@@ -422,9 +422,14 @@ impl Node {
     /// landed).
     pub async fn refresh_after_write(&self) -> Result<()> {
         match self.refresh().await {
-            Err(Error::PolicyRefused { message }) if self.good_policy_loaded() => {
-                tracing::warn!(error = %message, "change applied over the last good policy files");
-                Ok(())
+            Err(Error::PolicyRefused { message }) => {
+                // Applied when the snapshot now reflects the store (built over the last good files).
+                if self.snapshot().meta_version == self.meta.version().await? {
+                    tracing::warn!(error = %message, "change applied over the last good policy files");
+                    Ok(())
+                } else {
+                    Err(Error::PolicyRefused { message })
+                }
             }
             other => other,
         }
@@ -433,19 +438,17 @@ impl Node {
     /// Builds the enforcer from the policy files as they are now and the stored lines, without
     /// installing it: `policy reload` says what is wrong (file, line, reason) before asking
     /// servers to load files they would refuse.
-    pub async fn check_policy_files(&self) -> Result<String> {
+    /// Returns the policy version and the model and policy files checked.
+    pub async fn check_policy_files(&self) -> Result<(String, String, String)> {
         let texts = self.policy.read()?;
+        let (model, policy) = (texts.model_name.clone(), texts.policy_name.clone());
         let rules: Vec<String> = self.meta.rules().await?.into_iter().map(|(_, line, _)| line).collect();
         let people: Vec<Principal> = self.meta.principals().await?.into_iter().map(|p| p.principal).collect();
         let permits = self.meta.permits().await?;
         match build_authorizer(texts, &rules, permits, &people).await {
-            Ok(a) => Ok(a.version().to_string()),
+            Ok(a) => Ok((a.version().to_string(), model, policy)),
             Err(e) => Err(Error::PolicyRefused { message: e.to_string() }),
         }
-    }
-
-    fn good_policy_loaded(&self) -> bool {
-        self.good_policy.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
     /// Picks up a rotated pseudonym key. `rotate_pseudonym_key` installs the key before the
@@ -476,10 +479,34 @@ impl Node {
 
     async fn refresh_metadata(&self) -> Result<()> {
         let version = self.meta.version().await?;
-        let texts = self.policy.read()?;
+        // Files that cannot be read (mid-rename, permissions) are treated like files that do
+        // not parse: the last good ones stay in force and stored changes still apply.
+        let (texts, unreadable) = match self.policy.read() {
+            Ok(t) => (t, None),
+            Err(e) => {
+                let good = self.good_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let Some(good) = good else { return Err(e) };
+                let message = e.to_string();
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                message.hash(&mut h);
+                let mut bad = self.bad_policy.lock().unwrap_or_else(|e| e.into_inner());
+                if bad.as_ref().map(|(stamp, _)| *stamp) != Some(h.finish()) {
+                    tracing::error!(error = %message, "policy files unreadable; the previous files stay in force");
+                    *bad = Some((h.finish(), message.clone()));
+                }
+                (good, Some(message))
+            }
+        };
+        let unread = || match &unreadable {
+            Some(message) => Err(Error::PolicyRefused {
+                message: message.clone(),
+            }),
+            None => Ok(()),
+        };
         let current = self.snapshot();
         if version == current.meta_version && texts.stamp == current.policy_stamp {
-            return Ok(());
+            return unread();
         }
         let known_bad = self.bad_policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some((stamp, message)) = &known_bad
@@ -539,7 +566,7 @@ impl Node {
         tracing::info!(version, %policy_version, "metadata and policy loaded");
         match refused {
             Some(message) => Err(Error::PolicyRefused { message }),
-            None => Ok(()),
+            None => unread(),
         }
     }
 

@@ -232,12 +232,30 @@ fn object_match(a: Dynamic, b: Dynamic, c: Dynamic) -> Dynamic {
     object_matches(&a, &b, &c).into()
 }
 
-/// Member-state codes: a bare domain equal to one would name an organisation of that name,
-/// which is almost never what the author of a line meant (`DE/*` is the member state).
-const MEMBER_STATE_CODES: [&str; 28] = [
-    "AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "EL", "ES", "FI", "FR", "GR", "HR", "HU", "IE", "IT", "LT", "LU",
-    "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK",
-];
+/// Whether a bare domain looks like a member-state code (two capital letters, as
+/// `MemberState` accepts): as a bare domain it would name an organisation of that name, which is
+/// almost never what the author of a line meant (`DE/*` is the member state).
+fn looks_like_state(dom: &str) -> bool {
+    dom.len() == 2 && dom.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// Why a policy line's domain would never match what its author meant, if it would not.
+fn domain_problem(dom: &str) -> Option<String> {
+    let ok = match dom.split_once('/') {
+        None => !looks_like_state(dom) && !dom.contains('#'),
+        Some((cc, org)) => looks_like_state(cc) && !org.is_empty() && !org.contains(['/', '#']),
+    };
+    (!ok).then(|| {
+        format!(
+            "domain `{dom}` is not `*`, `CC/*` (a member state), `CC/org` or `org`{}",
+            if looks_like_state(dom) {
+                format!("; for the member state write `{dom}/*`")
+            } else {
+                String::new()
+            }
+        )
+    })
+}
 
 /// Formats a time the way policy lines compare it (fixed-width RFC 3339 UTC, so text order is
 /// time order).
@@ -273,25 +291,8 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
                         empty + 2
                     )));
                 }
-                let dom = fields[2];
-                let dom_ok = match dom.split_once('/') {
-                    None => !MEMBER_STATE_CODES.contains(&dom) && !dom.contains('#'),
-                    Some((cc, org)) => {
-                        cc.len() == 2
-                            && cc.bytes().all(|b| b.is_ascii_uppercase())
-                            && !org.is_empty()
-                            && !org.contains(['/', '#'])
-                    }
-                };
-                if !dom_ok {
-                    return Err(bad(format!(
-                        "domain `{dom}` is not `*`, `CC/*` (a member state), `CC/org` or `org`{}",
-                        if MEMBER_STATE_CODES.contains(&dom) {
-                            format!("; for the member state write `{dom}/*`")
-                        } else {
-                            String::new()
-                        }
-                    )));
+                if let Some(why) = domain_problem(fields[2]) {
+                    return Err(bad(why));
                 }
                 if fields[4] != "*" {
                     Purpose::parse(fields[4]).map_err(|e| bad(e.to_string()))?;
@@ -328,7 +329,27 @@ impl Authorizer {
         principals: &[Principal],
     ) -> Result<Self> {
         check_policy_text(base_policy.name, base_policy.text)?;
-        let stored = rules.join("\n");
+        // Lines stored before a domain's shape was checked (`DE` for `DE/*`, an empty field)
+        // never matched what they meant, nor anything else: left out, loudly, rather than
+        // refusing to start.
+        let rules: Vec<&String> = rules
+            .iter()
+            .filter(|line| {
+                let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+                let problem = match fields.as_slice() {
+                    ["p", sub, dom, obj, ..] if sub.is_empty() || obj.is_empty() => {
+                        Some("an empty field".to_string())
+                    }
+                    ["p", _, dom, ..] => domain_problem(dom),
+                    _ => None,
+                };
+                if let Some(why) = &problem {
+                    tracing::warn!(line = %line, %why, "stored policy line left out: it never matched; remove it and add what was meant");
+                }
+                problem.is_none()
+            })
+            .collect();
+        let stored = rules.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n");
         check_policy_text("stored policy rules", &stored)?;
         let mut text = String::new();
         for line in base_policy.text.lines().chain(stored.lines()) {
@@ -375,8 +396,26 @@ impl Authorizer {
         // A model can parse and still be unable to decide (an effect casbin does not support
         // panics in `enforce`, a matcher naming an unknown field errors): decide one request now,
         // so such a model is refused at load, never on every request afterwards.
+        // A throwaway enforcer over lines matching anything, so that no clause of the matcher is
+        // skipped by short-circuiting.
+        let probe_lines = format!("p, *, *, *, *, {NO_EXPIRY}, allow\np, *, *, *, *, {NO_EXPIRY}, deny\n");
+        let mut prober = Enforcer::new(
+            DefaultModel::from_str(model).await.map_err(|e| Error::Casbin {
+                op: "parse model",
+                source: Box::new(e),
+            })?,
+            StringAdapter::new(probe_lines),
+        )
+        .await
+        .map_err(|e| Error::Casbin {
+            op: "load policy",
+            source: Box::new(e),
+        })?;
+        prober.add_function("purposeCovers", OperatorFunction::Arg2(purpose_covers));
+        prober.add_function("domainMatch", OperatorFunction::Arg3(domain_match));
+        prober.add_function("objectMatch", OperatorFunction::Arg3(object_match));
         let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            enforcer.enforce(("probe", "ZZ/probe", "probe", "probe", NO_EXPIRY))
+            prober.enforce(("probe", "ZZ/probe", "probe", "probe", "2000-01-01T00:00:00Z"))
         }));
         match probe {
             Ok(Ok(_)) => {}
@@ -869,6 +908,17 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Casbin { .. }), "{err}");
+        // Clauses after a short-circuit are checked too: an unknown function, a function of the
+        // wrong arity (a model written for an older `domainMatch(r.dom, p.dom)`).
+        for (from, to) in [
+            ("purposeCovers(p.act, r.act)", "purposeCoverz(p.act, r.act)"),
+            ("domainMatch(r.dom, p.dom, p.eft)", "domainMatch(r.dom, p.dom)"),
+        ] {
+            assert!(DEFAULT_MODEL.contains(from));
+            let model = DEFAULT_MODEL.replace(from, to);
+            let built = Authorizer::build(&model, &DEFAULT_POLICY_FILE, &[], vec![], &people).await;
+            assert!(built.is_err(), "{to}");
+        }
         // With no line at all, the default model decides (deny).
         let empty = PolicyFile {
             name: "empty",
@@ -884,8 +934,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn policy_lines_with_a_domain_that_would_never_match_are_refused() {
+    #[tokio::test]
+    async fn policy_lines_with_a_domain_that_would_never_match_are_refused() {
         let line = |dom: &str| format!("p, *, {dom}, demo, research, 9999-12-31T23:59:59Z, deny");
         for ok in ["*", "DE/*", "DE/dkfz", "dkfz"] {
             check_policy_text("f", &line(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
@@ -896,6 +946,20 @@ mod tests {
             assert!(check_policy_text("f", &line(bad)).is_err(), "{bad}");
         }
         assert!(check_policy_text("f", "p, , *, demo, research, 9999-12-31T23:59:59Z, deny").is_err());
+        assert!(
+            check_policy_text("f", &line("NO")).is_err(),
+            "any two capitals look like a member state"
+        );
+        // Such lines stored by an earlier release never matched: left out, the node still starts.
+        let people = vec![principal("t-de", "dkfz", Role::Trainer)];
+        let legacy = vec![line("DE"), line("DE/*")];
+        let a = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &legacy, vec![], &people)
+            .await
+            .unwrap();
+        let b = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[line("DE/*")], vec![], &people)
+            .await
+            .unwrap();
+        assert_eq!(a.version(), b.version(), "the legacy line is left out");
     }
 
     #[test]

@@ -35,26 +35,40 @@ async fn withdrawal_reaches_an_open_stream() {
         .iter()
         .map(|s| ConsentEvent::parse(&s.to_string(), AI, "withdrawn", &now).unwrap())
         .collect();
+    // As the REST and CLI writes do: durable append, then the node picks it up.
     gw.node.append_consent("aphp-patients", &events).await.unwrap();
     gw.node.refresh().await.unwrap();
+    let acknowledged = std::time::Instant::now();
 
-    let mut after: Vec<usize> = Vec::new();
+    // A slow reader: the server produces each batch only as the reader makes room for it, so
+    // most of the stream is produced after the withdrawal. Batches produced before it (in the
+    // server's and HTTP/2's buffers) may still carry the subjects; none received a second after
+    // it may.
+    let mut after: Vec<(f64, usize)> = Vec::new();
     while let Some(b) = stream.next().await {
         let b = b.unwrap();
-        after.push(
-            b.column(0)
-                .as_string::<i32>()
-                .iter()
-                .filter(|p| withdrawn_p.contains(p.unwrap()))
-                .count(),
-        );
+        let withdrawn_rows = b
+            .column(0)
+            .as_string::<i32>()
+            .iter()
+            .filter(|p| withdrawn_p.contains(p.unwrap()))
+            .count();
+        after.push((acknowledged.elapsed().as_secs_f64(), withdrawn_rows));
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
     }
-    // Batches already produced before the withdrawal (in flight in buffers) may still carry the
-    // subjects; everything produced afterwards must not. The second half is well past any buffer.
     assert!(after.len() >= 20, "need a long stream, got {} batches", after.len());
+    let late: Vec<&(f64, usize)> = after.iter().filter(|(t, _)| *t > 1.0).collect();
+    assert!(
+        late.len() >= 10,
+        "need batches read well after the withdrawal: {after:?}"
+    );
+    assert!(
+        late.iter().all(|(_, n)| *n == 0),
+        "withdrawn subjects in batches read over a second after the withdrawal: {after:?}"
+    );
     let tail = &after[after.len() / 2..];
     assert!(
-        tail.iter().all(|n| *n == 0),
+        tail.iter().all(|(_, n)| *n == 0),
         "withdrawn subjects in late batches: {after:?}"
     );
     // And the raw data does hold rows of those subjects in that part of the file.

@@ -1243,6 +1243,21 @@ def test_plain_flight_parts_share_the_flightinfo_schema(fed: Federation, mixed_p
     assert len(gets) == 4 and all("answered as nulls: postcode" in e["reason"] for e in gets), gets
 
 
+def test_a_nullified_direct_identifier_in_one_part_is_nulls_everywhere(fed: Federation):
+    """gw-fr releases its direct identifier `full_name` as nulls (mask nullify), gw-de drops it: the union names it,
+    both parts stream it, entirely null, and neither node refuses the aligned request."""
+    register_aggregable_part(fed.nodes["gw-fr"], "nullid_fr", "eu_nullid",
+                             columns={"full_name": {"class": "direct-identifier", "mask": "nullify"}})
+    register_aggregable_part(fed.nodes["gw-de"], "nullid_de", "eu_nullid")
+    answer = fed.parse(fed.get_info(flight.FlightDescriptor.for_command(
+        json.dumps({"dataset": "eu_nullid"}).encode())), "eu_nullid")
+    assert answer.status() == {"gw-fr": "ok", "gw-de": "ok"}, answer.nodes
+    parts = fed.read_parts(answer)
+    assert "full_name" in answer.info.schema.names
+    for node_id, part in parts.items():
+        assert part.num_rows > 0 and part.column("full_name").null_count == part.num_rows, node_id
+
+
 @pytest.mark.parametrize("limit", [1, 1001])
 def test_a_federated_limit_bounds_all_parts_together(fed: Federation, mixed_parts, limit: int):
     """`limit` counts rows across all endpoints, so across nodes: each node gets its share (rows flow straight
