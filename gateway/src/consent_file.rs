@@ -10,36 +10,51 @@ use crate::error::{Error, Result};
 const HINT: &str =
     "CSV header: subject_id,purpose,status,timestamp[,expires_at]; status granted|withdrawn; RFC 3339 times";
 
-/// Parses consent CSV.
+/// Parses consent CSV (RFC 4180: fields may be quoted, so a subject id may hold a comma; the
+/// header may carry a byte-order mark and fields surrounding spaces).
 pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
-    let mut lines = text.lines().enumerate();
-    let with_expiry = match lines.next().map(|(_, h)| h.trim().trim_start_matches('\u{feff}')) {
-        Some("subject_id,purpose,status,timestamp") => false,
-        Some("subject_id,purpose,status,timestamp,expires_at") => true,
-        _ => {
-            return Err(Error::invalid(
-                "consent CSV must start with the header `subject_id,purpose,status,timestamp` (optionally `,expires_at`)",
-                HINT,
-            ));
-        }
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.trim_start_matches('\u{feff}').as_bytes());
+    let mut record = csv::StringRecord::new();
+    let bad_header = || {
+        Error::invalid(
+            "consent CSV must start with the header `subject_id,purpose,status,timestamp` (optionally `,expires_at`)",
+            HINT,
+        )
+    };
+    let line_of = |r: &csv::StringRecord| r.position().map_or(0, csv::Position::line);
+    let unreadable = |e: csv::Error| {
+        let line = e.position().map_or(0, csv::Position::line);
+        Error::invalid(format!("line {line}: {e}"), HINT)
+    };
+    if !reader.read_record(&mut record).map_err(unreadable)? {
+        return Err(bad_header());
+    }
+    let with_expiry = match record.iter().collect::<Vec<_>>().as_slice() {
+        ["subject_id", "purpose", "status", "timestamp"] => false,
+        ["subject_id", "purpose", "status", "timestamp", "expires_at"] => true,
+        _ => return Err(bad_header()),
     };
     let want = if with_expiry { 5 } else { 4 };
     let mut events = Vec::new();
-    for (i, line) in lines {
-        if line.trim().is_empty() {
-            continue;
+    while reader.read_record(&mut record).map_err(unreadable)? {
+        if record.len() == 1 && record[0].is_empty() {
+            continue; // a blank line
         }
-        let f: Vec<&str> = line.split(',').collect();
-        if f.len() != want {
+        let line = line_of(&record);
+        if record.len() != want {
             return Err(Error::invalid(
-                format!("line {}: expected {want} fields, found {}", i + 1, f.len()),
+                format!("line {line}: expected {want} fields, found {}", record.len()),
                 HINT,
             ));
         }
-        let expiry = if with_expiry { Some(f[4]) } else { None };
+        let expiry = if with_expiry { Some(&record[4]) } else { None };
         events.push(
-            ConsentEvent::parse_with_expiry(f[0], f[1], f[2], f[3], expiry)
-                .map_err(|e| Error::invalid(format!("line {}: {e}", i + 1), HINT))?,
+            ConsentEvent::parse_with_expiry(&record[0], &record[1], &record[2], &record[3], expiry)
+                .map_err(|e| Error::invalid(format!("line {line}: {e}"), HINT))?,
         );
     }
     Ok(events)
@@ -119,6 +134,20 @@ mod tests {
             let err = parse_csv(bad).unwrap_err().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn csv_quoted_fields_as_spreadsheets_export_them() {
+        let text = "\u{feff}\"subject_id\",\"purpose\",\"status\",\"timestamp\"\r\n\"Dupont, Marie\",research,granted,2024-01-01T00:00:00Z\r\n\"42\",\"research\",withdrawn, 2024-01-02T00:00:00Z \r\n";
+        let events = parse_csv(text).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].subject_id, "Dupont, Marie");
+        assert_eq!(events[1].subject_id, "42");
+        let err =
+            parse_csv("subject_id,purpose,status,timestamp\n1,research,granted,2024-01-01T00:00:00Z\n\"2,research\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]

@@ -309,10 +309,75 @@ fn pseudonym_key_version(data_dir: &Path) -> Result<u8> {
     }
 }
 
-/// Rotates the pseudonym master key: the old key is kept as `pseudonym.key.v<N>` and a new one
-/// with version N+1 is made. New pseudonyms start with the new version byte, so recipients can
-/// tell old from new. Running servers pick the new key up within a refresh interval. Returns the
-/// new version.
+/// The pseudonym master key in force and its version. The key of version N lives in
+/// `pseudonym.key.v<N>`; a data directory from before rotation existed keeps version 1's key in
+/// `pseudonym.key` (also the key a fresh directory starts with).
+fn current_pseudonym_key(data_dir: &Path) -> Result<(Vec<u8>, u8)> {
+    let version = pseudonym_key_version(data_dir)?;
+    let versioned = data_dir.join(format!("pseudonym.key.v{version}"));
+    match std::fs::read(&versioned) {
+        Ok(key) if key.len() >= 32 => Ok((key, version)),
+        Ok(_) => Err(Error::Internal(format!(
+            "`{}` is shorter than 32 bytes",
+            versioned.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let legacy = data_dir.join("pseudonym.key");
+            if version == 1 {
+                return Ok((load_or_create_secret(&legacy)?, version));
+            }
+            // Rotated by an earlier release, which kept the key in force here: read, never made.
+            match std::fs::read(&legacy) {
+                Ok(key) if key.len() >= 32 => Ok((key, version)),
+                _ => Err(Error::Internal(format!(
+                    "the key of pseudonym version {version} is missing (`{}`)",
+                    versioned.display()
+                ))),
+            }
+        }
+        Err(source) => Err(Error::Io {
+            op: "read pseudonym key",
+            path: versioned.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Writes `bytes` to `path` durably: a synced temporary file renamed over it, then the directory
+/// synced, so a crash leaves the old file or the new one, never a torn or missing one.
+fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let io = |op: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| Error::Io { op, path, source }
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write as _;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut f = opts.open(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(io("install", path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync directory", dir))?;
+    }
+    Ok(())
+}
+
+/// Rotates the pseudonym master key: a new key is made as version N+1, and every earlier key
+/// stays as `pseudonym.key.v<N>`. New pseudonyms start with the new version byte, so recipients
+/// can tell old from new. Crash-safe: the new key is written durably before the version file
+/// names it, so a crash leaves either the old version with its key or the new one with its own
+/// (never a new key under an old version byte). Running servers pick the new key up within a
+/// refresh interval. Returns the new version.
 pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
     let current = pseudonym_key_version(data_dir)?;
     let next = current.checked_add(1).ok_or_else(|| {
@@ -321,20 +386,20 @@ pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
             "archive the data directory's keys and start a new series",
         )
     })?;
-    let key = data_dir.join("pseudonym.key");
-    let io = |op: &'static str, p: &Path| {
-        let path = p.display().to_string();
-        move |source| Error::Io { op, path, source }
-    };
+    // The key in force keeps its versioned name (older layouts held it in `pseudonym.key` only).
+    let (key, _) = current_pseudonym_key(data_dir)?;
     let archived = data_dir.join(format!("pseudonym.key.v{current}"));
-    if key.exists() {
-        std::fs::rename(&key, &archived).map_err(io("archive key", &key))?;
+    if !archived.exists() {
+        write_durably(&archived, &key, 0o600)?;
     }
-    load_or_create_secret(&key)?;
-    let version_file = data_dir.join("pseudonym.version");
-    let tmp = data_dir.join("pseudonym.version.tmp");
-    std::fs::write(&tmp, format!("{next}\n")).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &version_file).map_err(io("install", &version_file))?;
+    // A leftover of a rotation that crashed before the switch was never in force: replaced.
+    let secret: [u8; 32] = rand::random();
+    write_durably(&data_dir.join(format!("pseudonym.key.v{next}")), &secret, 0o600)?;
+    write_durably(
+        &data_dir.join("pseudonym.version"),
+        format!("{next}\n").as_bytes(),
+        0o644,
+    )?;
     Ok(next)
 }
 
@@ -353,8 +418,7 @@ impl Node {
         let audit = AuditLog::open(pool).await?;
         let node_key = Arc::new(crate::signing::NodeKey::load_or_create(&data_dir.join("node.key"))?);
         let tickets = TicketSigner::new(Arc::clone(&node_key), format!("passerelle-{}", node_key.kid()));
-        let pseudonym_master = load_or_create_secret(&data_dir.join("pseudonym.key"))?;
-        let pseudonym_version = pseudonym_key_version(data_dir)?;
+        let (pseudonym_master, pseudonym_version) = current_pseudonym_key(data_dir)?;
         let authorizer = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], Vec::new(), &[]).await?;
         let empty = Snapshot {
             meta_version: u64::MAX,
@@ -460,18 +524,7 @@ impl Node {
         if version == current {
             return Ok(());
         }
-        let path = self.data_dir.join("pseudonym.key");
-        let key = std::fs::read(&path).map_err(|source| Error::Io {
-            op: "read pseudonym key",
-            path: path.display().to_string(),
-            source,
-        })?;
-        if key.len() < 32 {
-            return Err(Error::Internal(format!(
-                "`{}` is shorter than 32 bytes",
-                path.display()
-            )));
-        }
+        let (key, version) = current_pseudonym_key(&self.data_dir)?;
         *self.pseudonym_key.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(key), version);
         tracing::info!(version, "pseudonym key rotated");
         Ok(())
@@ -1086,5 +1139,43 @@ mod tests {
         let (a, b) = (p1.as_string::<i32>().value(0), p2.as_string::<i32>().value(0));
         assert!(a.starts_with("01") && b.starts_with("02"), "{a} {b}");
         assert_ne!(a[2..], b[2..]);
+        // A rotation that crashed after writing the next key but before switching the version:
+        // version 2 stays in force with its own key (the same pseudonyms as before).
+        std::fs::write(dir.path().join("pseudonym.key.v3"), [7u8; 32]).unwrap();
+        let p3 = Node::open(dir.path())
+            .await
+            .unwrap()
+            .pseudonymiser("dkfz")
+            .apply(&ids)
+            .unwrap();
+        assert_eq!(p3.as_string::<i32>().value(0), b);
+        // The next rotation replaces that leftover and moves on.
+        assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 3);
+        assert_ne!(
+            std::fs::read(dir.path().join("pseudonym.key.v3")).unwrap(),
+            vec![7u8; 32]
+        );
+        assert_eq!(std::fs::read(dir.path().join("pseudonym.key.v2")).unwrap().len(), 32);
+    }
+
+    #[tokio::test]
+    async fn keys_rotated_by_an_earlier_release_keep_their_versions() {
+        // Earlier releases kept the key in force in `pseudonym.key` and archived older ones.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pseudonym.key"), [2u8; 32]).unwrap();
+        std::fs::write(dir.path().join("pseudonym.key.v1"), [1u8; 32]).unwrap();
+        std::fs::write(dir.path().join("pseudonym.version"), "2\n").unwrap();
+        assert_eq!(current_pseudonym_key(dir.path()).unwrap(), (vec![2u8; 32], 2));
+        assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 3);
+        assert_eq!(
+            std::fs::read(dir.path().join("pseudonym.key.v2")).unwrap(),
+            vec![2u8; 32]
+        );
+        let (k3, v3) = current_pseudonym_key(dir.path()).unwrap();
+        assert_eq!((k3.len(), v3), (32, 3));
+        // A version whose key is nowhere is an error, never a fresh key under an old byte.
+        std::fs::write(dir.path().join("pseudonym.version"), "5\n").unwrap();
+        std::fs::remove_file(dir.path().join("pseudonym.key")).unwrap();
+        assert!(current_pseudonym_key(dir.path()).is_err());
     }
 }

@@ -257,6 +257,23 @@ fn domain_problem(dom: &str) -> Option<String> {
     })
 }
 
+/// A `p` line with its expiry in the form the matcher compares as text (UTC, whole seconds):
+/// `2027-01-01T02:00:00+02:00` or `...00.5Z` would otherwise compare wrongly against the
+/// request time.
+fn normalise_expiry(line: &str) -> String {
+    let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    match fields.as_slice() {
+        ["p", sub, dom, obj, act, exp, eft] => match DateTime::parse_from_rfc3339(exp) {
+            Ok(t) => format!(
+                "p, {sub}, {dom}, {obj}, {act}, {}, {eft}",
+                policy_time(t.with_timezone(&Utc))
+            ),
+            Err(_) => line.to_string(),
+        },
+        _ => line.to_string(),
+    }
+}
+
 /// Formats a time the way policy lines compare it (fixed-width RFC 3339 UTC, so text order is
 /// time order).
 pub fn policy_time(t: DateTime<Utc>) -> String {
@@ -355,7 +372,7 @@ impl Authorizer {
         for line in base_policy.text.lines().chain(stored.lines()) {
             let line = line.trim();
             if !line.is_empty() && !line.starts_with('#') {
-                text.push_str(line);
+                text.push_str(&normalise_expiry(line));
                 text.push('\n');
             }
         }
@@ -680,6 +697,38 @@ mod tests {
                 .reason
                 .contains("not registered for purpose")
         );
+    }
+
+    #[tokio::test]
+    async fn expiries_compare_as_times_whatever_their_offset() {
+        let people = vec![principal("t-de", "dkfz", Role::Trainer)];
+        let now = DateTime::parse_from_rfc3339("2030-06-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let denied = |exp: &str| {
+            let rules = vec![format!("p, *, *, demo, research, {exp}, deny")];
+            let people = people.clone();
+            async move {
+                let a = Authorizer::build(
+                    DEFAULT_MODEL,
+                    &DEFAULT_POLICY_FILE,
+                    &rules,
+                    vec![permit("dkfz", "research", None)],
+                    &people,
+                )
+                .await
+                .unwrap();
+                !a.decide(&people[0], &dataset(&["research"]), &p("research"), now)
+                    .unwrap()
+                    .allow
+            }
+        };
+        // 13:00+02:00 is 11:00Z: expired at noon UTC, though "13:00" sorts after "12:00" as text.
+        assert!(!denied("2030-06-01T13:00:00+02:00").await);
+        // 11:00-02:00 is 13:00Z: still in force.
+        assert!(denied("2030-06-01T11:00:00-02:00").await);
+        assert!(!denied("2030-06-01T11:59:59.9Z").await);
+        assert!(denied("2030-06-01T12:00:01Z").await);
     }
 
     #[tokio::test]

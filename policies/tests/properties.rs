@@ -2,7 +2,8 @@
 //!
 //! Run: `cargo test -p passerelle-policies --test properties`
 //!
-//! For random subject columns (Int64, Utf8 with unicode, dictionary; nulls and duplicates),
+//! For random subject columns (Int64, Int32, Utf8, LargeUtf8, Utf8View with unicode and an
+//! empty id, dictionaries of strings and of integers; nulls and duplicates),
 //! random consent event sequences over a purpose tree (ties included), both legal bases and
 //! random batch splits, the rows the gate lets through are exactly the reference model's, hidden
 //! columns are never present, and pseudonyms are the documented HMAC of the subject (computed
@@ -13,8 +14,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, DictionaryArray, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Int16Type, Int64Type, Schema};
+use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use passerelle_policies::consent::index::KeyKind;
@@ -30,8 +31,31 @@ const PURPOSES: [&str; 5] = ["a", "a/b", "a/b/c", "a/d", "e"];
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Int,
+    Int32,
     Utf8,
+    LargeUtf8,
+    Utf8View,
     Dict,
+    DictInt,
+}
+
+impl Kind {
+    fn is_integer(self) -> bool {
+        matches!(self, Kind::Int | Kind::Int32 | Kind::DictInt)
+    }
+
+    fn data_type(self) -> DataType {
+        let dict = |v: DataType| DataType::Dictionary(Box::new(DataType::Int16), Box::new(v));
+        match self {
+            Kind::Int => DataType::Int64,
+            Kind::Int32 => DataType::Int32,
+            Kind::Utf8 => DataType::Utf8,
+            Kind::LargeUtf8 => DataType::LargeUtf8,
+            Kind::Utf8View => DataType::Utf8View,
+            Kind::Dict => dict(DataType::Utf8),
+            Kind::DictInt => dict(DataType::Int64),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -47,9 +71,11 @@ struct Case {
 
 fn subject_text(kind: Kind, s: u8) -> String {
     match kind {
-        Kind::Int => s.to_string(),
+        _ if kind.is_integer() => s.to_string(),
+        // An empty id is an id like any other.
+        _ if s == 11 => String::new(),
         // Unicode, and ids that differ only after a multi-byte character.
-        Kind::Utf8 | Kind::Dict => format!("é{s}ü"),
+        _ => format!("é{s}ü"),
     }
 }
 
@@ -71,7 +97,15 @@ fn reference_pseudonym(master: &[u8], org: &str, text: &str) -> String {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        prop_oneof![Just(Kind::Int), Just(Kind::Utf8), Just(Kind::Dict)],
+        prop_oneof![
+            Just(Kind::Int),
+            Just(Kind::Int32),
+            Just(Kind::Utf8),
+            Just(Kind::LargeUtf8),
+            Just(Kind::Utf8View),
+            Just(Kind::Dict),
+            Just(Kind::DictInt),
+        ],
         prop_oneof![Just(LegalBasis::Consent), Just(LegalBasis::PublicInterest)],
         0..PURPOSES.len(),
         prop::collection::vec((0u8..12, 0..PURPOSES.len(), any::<bool>(), 0i64..6), 0..40),
@@ -143,13 +177,9 @@ fn policy(kind: Kind) -> DatasetPolicy {
 }
 
 fn batches(case: &Case) -> (Arc<Schema>, Vec<RecordBatch>) {
-    let subject_type = match case.kind {
-        Kind::Int => DataType::Int64,
-        Kind::Utf8 => DataType::Utf8,
-        Kind::Dict => DataType::Dictionary(Box::new(DataType::Int16), Box::new(DataType::Utf8)),
-    };
+    let subject_type = case.kind.data_type();
     let schema = Arc::new(Schema::new(vec![
-        Field::new("subject", subject_type, true),
+        Field::new("subject", subject_type.clone(), true),
         Field::new("name", DataType::Utf8, true),
         Field::new("row", DataType::Int64, false),
         Field::new("postcode", DataType::Utf8, true),
@@ -162,26 +192,19 @@ fn batches(case: &Case) -> (Arc<Schema>, Vec<RecordBatch>) {
     for w in cuts.windows(2) {
         let range = w[0]..w[1];
         let rows = &case.rows[range.clone()];
-        let subject: ArrayRef = match case.kind {
-            Kind::Int => Arc::new(Int64Array::from(
+        // Built as Int64 or Utf8, then cast to the case's layout (the cast kernels are arrow's).
+        let base: ArrayRef = if case.kind.is_integer() {
+            Arc::new(Int64Array::from(
                 rows.iter().map(|s| s.map(i64::from)).collect::<Vec<_>>(),
-            )),
-            Kind::Utf8 => Arc::new(StringArray::from(
+            ))
+        } else {
+            Arc::new(StringArray::from(
                 rows.iter()
                     .map(|s| s.map(|s| subject_text(case.kind, s)))
                     .collect::<Vec<_>>(),
-            )),
-            Kind::Dict => {
-                let d: DictionaryArray<Int16Type> = rows
-                    .iter()
-                    .map(|s| s.map(|s| subject_text(case.kind, s)))
-                    .collect::<Vec<_>>()
-                    .iter()
-                    .map(|s| s.as_deref())
-                    .collect();
-                Arc::new(d)
-            }
+            ))
         };
+        let subject = arrow::compute::cast(&base, &subject_type).unwrap();
         let name: ArrayRef = Arc::new(StringArray::from(
             rows.iter().map(|_| Some("Secret Name")).collect::<Vec<_>>(),
         ));
@@ -217,11 +240,7 @@ fn run(case: &Case) -> Vec<RecordBatch> {
         // compiled set in place (the withdrawal fast path), not by a fresh compile.
         let half = events.len() / 2;
         index.apply(events[..half].iter().enumerate().map(|(i, e)| (i as u64 + 1, "reg", e)));
-        let kind = if matches!(case.kind, Kind::Int) {
-            KeyKind::Int
-        } else {
-            KeyKind::Str
-        };
+        let kind = KeyKind::of(&case.kind.data_type());
         let _warm = index.subject_set(
             "reg",
             &Purpose::parse(PURPOSES[case.purpose]).unwrap(),

@@ -102,6 +102,10 @@ struct PurposeMap {
     strs: HashMap<Box<str>, i64, RandomState>,
     /// End of validity of latest events that are grants with an end date.
     expiring: HashMap<SubjectKey, i64, RandomState>,
+    /// Text ids that spell an integer other than canonically (`042`, ` 42`): an integer set
+    /// merges them with the integer, so it cannot be patched per event while any exist. Other
+    /// text ids (`abc`) never reach an integer set and cost it nothing.
+    int_spellings: usize,
 }
 
 impl PurposeMap {
@@ -110,7 +114,12 @@ impl PurposeMap {
             SubjectKey::Int(i) => self.ints.entry(*i).or_insert(i64::MIN),
             SubjectKey::Str(s) => match self.strs.get_mut(s.as_ref()) {
                 Some(r) => r,
-                None => self.strs.entry(s.clone()).or_insert(i64::MIN),
+                None => {
+                    if s.trim().parse::<i64>().is_ok() {
+                        self.int_spellings += 1;
+                    }
+                    self.strs.entry(s.clone()).or_insert(i64::MIN)
+                }
             },
         };
         if new_rank < *slot {
@@ -181,7 +190,8 @@ impl Registry {
                 .collect();
             // Integer sets merge spellings ("042" = 42): only canonical ids with no other
             // spellings around can be patched exactly.
-            if *kind == KeyKind::Int && (matches!(key, SubjectKey::Str(_)) || maps.iter().any(|m| !m.strs.is_empty())) {
+            if *kind == KeyKind::Int && (matches!(key, SubjectKey::Str(_)) || maps.iter().any(|m| m.int_spellings > 0))
+            {
                 if matches!(key, SubjectKey::Str(s) if s.trim().parse::<i64>().is_err()) {
                     continue; // not an integer: cannot match an integer column
                 }
@@ -804,6 +814,31 @@ mod tests {
                 .set
                 .contains_str("000042")
         );
+    }
+
+    #[test]
+    fn text_ids_that_are_not_integers_do_not_stop_integer_sets_being_patched() {
+        let idx = ConsentIndex::new();
+        let events = [
+            ev("1", "a", "granted", 1),
+            ev("abc", "a", "granted", 1),
+            ev("2", "a", "granted", 1),
+        ];
+        idx.apply(events.iter().enumerate().map(|(i, e)| (i as u64 + 1, "r", e)));
+        let p = Purpose::parse("a").unwrap();
+        let compiled = || idx.read().registries["r"].compiled.len();
+        let _ = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int);
+        assert_eq!(compiled(), 1);
+        // A withdrawal of an integer id is patched in place: the set stays compiled.
+        idx.apply([(10, "r", &ev("2", "a", "withdrawn", 2))]);
+        assert_eq!(compiled(), 1, "patched, not dropped for a recompile");
+        let set = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int).set;
+        assert!(set.contains_i64(1) && !set.contains_i64(2));
+        // A non-canonical spelling of an integer does need the recompile (it merges with 1).
+        idx.apply([(11, "r", &ev("01", "a", "withdrawn", 3))]);
+        assert_eq!(compiled(), 0);
+        let set = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int).set;
+        assert!(!set.contains_i64(1) && !set.contains_i64(2));
     }
 
     #[test]

@@ -80,11 +80,20 @@ impl ConsentStore {
                 source,
             })?;
         }
+        // Read inside the transaction, which holds SQLite's write lock: this append's own last
+        // sequence number, not one another writer committed just after it.
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM consent_events")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|source| Error::Store {
+                op: "read consent version",
+                source,
+            })?;
         tx.commit().await.map_err(|source| Error::Store {
             op: "commit consent events",
             source,
         })?;
-        self.max_seq().await
+        Ok(last.max(0) as u64)
     }
 
     /// The highest sequence number stored (the global consent version).
