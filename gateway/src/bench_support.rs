@@ -1,6 +1,7 @@
 //! Bench-only: stream a dataset's raw rows (direct identifiers excepted) over the same Flight
 //! encoder without the gate, as the baseline for the governed stream. Compiled only with
-//! `--features bench`; the shipped binary has no such path.
+//! `--features bench`, and even then answered only once the in-process bench sets
+//! `Node::bench_unguarded` (no flag or configuration does): the shipped binary has no such path.
 
 use std::sync::Arc;
 

@@ -1214,7 +1214,9 @@ impl FlightService for FlightHandler {
         let md = request.metadata().clone();
         let ticket = request.into_inner();
         #[cfg(feature = "bench")]
-        if let Some(name) = ticket.ticket.strip_prefix(crate::bench_support::UNGUARDED_PREFIX) {
+        if self.node.bench_unguarded.load(Ordering::Relaxed)
+            && let Some(name) = ticket.ticket.strip_prefix(crate::bench_support::UNGUARDED_PREFIX)
+        {
             return crate::bench_support::unguarded_do_get(&self.node, name).await;
         }
         let caller = match self

@@ -94,6 +94,10 @@ pub struct Node {
     /// The policy files as they last loaded: while the files on disk are broken, stored changes
     /// (a revoked permit, a new deny rule, a removed dataset) still take effect over these.
     good_policy: std::sync::Mutex<Option<PolicyTexts>>,
+    /// Bench builds only: whether the unguarded baseline path answers. Off unless the in-process
+    /// bench turns it on, so a binary built with `--all-features` still has no unguarded path.
+    #[cfg(feature = "bench")]
+    pub bench_unguarded: std::sync::atomic::AtomicBool,
     /// How long tickets live.
     pub ticket_ttl: Duration,
     /// Whether callers without a client certificate may use API keys (`[tls] allow_bearer`;
@@ -440,6 +444,8 @@ impl Node {
             policy,
             bad_policy: std::sync::Mutex::new(None),
             good_policy: std::sync::Mutex::new(None),
+            #[cfg(feature = "bench")]
+            bench_unguarded: std::sync::atomic::AtomicBool::new(false),
             ticket_ttl: Duration::from_secs(600),
             allow_bearer: true,
             limits: Arc::default(),

@@ -90,6 +90,10 @@ async fn main() {
         .unwrap_or(10_000_000);
     let setup = Instant::now();
     let gw = TestGateway::start(rows).await.unwrap();
+    // The baseline path answers only when the bench itself turns it on.
+    gw.node
+        .bench_unguarded
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     println!(
         "setup: {rows} rows generated, consent loaded in {:.1} s",
         setup.elapsed().as_secs_f64()

@@ -160,6 +160,30 @@ async fn a_broken_policy_file_is_refused_and_the_previous_policy_stays() {
         "the broken file's edit is not in force"
     );
 
+    // A file that cannot be read (removed, mid-rename) is treated the same way.
+    let before_removal = gw.node.snapshot().authorizer.version().to_string();
+    std::fs::remove_file(&file).unwrap();
+    gw.node
+        .meta
+        .add_rule(
+            "p, *, DE/*, copy_patients, research/epidemiology, 9999-12-31T23:59:59Z, deny",
+            "steward",
+        )
+        .await
+        .unwrap();
+    gw.node.refresh_after_write().await.unwrap();
+    let err = gw.node.refresh().await.unwrap_err().to_string();
+    assert!(err.contains("policy.csv"), "the unreadable file is named: {err}");
+    assert!(
+        gw.node.snapshot().authorizer.version() != before_removal,
+        "the stored rule was applied over the last good file"
+    );
+    assert_eq!(
+        status_code(&pull(&mut ai, path("demo_patients")).await.unwrap_err()),
+        Some(Code::PermissionDenied),
+        "the last good file's deny still holds"
+    );
+
     std::fs::write(&file, "# lifted\n").unwrap();
     gw.node.refresh().await.unwrap();
     assert_ne!(gw.node.snapshot().authorizer.version(), version_before);
