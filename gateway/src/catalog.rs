@@ -586,7 +586,23 @@ pub async fn plan_for(
             check_column(&c.name)?;
         }
     }
-    let ctx = guarded_context(&node.stores, vec![(cmd.dataset.clone(), table)])?;
+    // A k-anonymity floor holds the whole stream before its first row leaves, and an aggregate
+    // holds its groups: both get the SQL memory pool (`sql.memory_limit_mb`), so that a large
+    // stream fails with RESOURCE_EXHAUSTED instead of exhausting the node. Plain scans stream.
+    let holds_rows = cmd.aggregate.is_some() || policy.k_anonymity.is_some();
+    let ctx = match holds_rows {
+        true => {
+            let bytes = usize::try_from(node.sql.memory_limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+            let runtime = RuntimeEnvBuilder::new()
+                .with_object_store_registry(node.stores.registry())
+                .with_memory_limit(bytes, 1.0)
+                .build_arc()?;
+            let ctx = SessionContext::new_with_config_rt(session_config(), runtime);
+            ctx.register_table(cmd.dataset.as_str(), Arc::new(table))?;
+            ctx
+        }
+        false => guarded_context(&node.stores, vec![(cmd.dataset.clone(), table)])?,
+    };
     if cmd.parts.is_some() {
         // Parts deal rows round-robin: one partition makes the row sequence the same at
         // every DoGet (and for resumed tickets).
