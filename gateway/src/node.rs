@@ -331,13 +331,24 @@ fn current_pseudonym_key(data_dir: &Path) -> Result<(Vec<u8>, u8)> {
                 return Ok((load_or_create_secret(&legacy)?, version));
             }
             // Rotated by an earlier release, which kept the key in force here: read, never made.
-            match std::fs::read(&legacy) {
-                Ok(key) if key.len() >= 32 => Ok((key, version)),
-                _ => Err(Error::Internal(format!(
+            // In this layout `pseudonym.key` stays an older version's key, so a copy of an
+            // archived key means version N's own file was lost: refused, never used under N.
+            let missing = || {
+                Error::Internal(format!(
                     "the key of pseudonym version {version} is missing (`{}`)",
                     versioned.display()
-                ))),
+                ))
+            };
+            let key = std::fs::read(&legacy)
+                .ok()
+                .filter(|k| k.len() >= 32)
+                .ok_or_else(missing)?;
+            let archived = (1..version)
+                .any(|k| std::fs::read(data_dir.join(format!("pseudonym.key.v{k}"))).is_ok_and(|old| old == key));
+            if archived {
+                return Err(missing());
             }
+            Ok((key, version))
         }
         Err(source) => Err(Error::Io {
             op: "read pseudonym key",
@@ -354,16 +365,24 @@ fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         let path = p.display().to_string();
         move |source| Error::Io { op, path, source }
     };
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!("{name}.tmp"));
     {
         use std::io::Write as _;
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        let mut f = opts.open(&tmp).map_err(io("create", &tmp))?;
+        // The mode applies only at creation: a leftover temporary file keeps its own.
+        #[cfg(unix)]
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(io("chmod", &tmp))?;
         #[cfg(not(unix))]
         let _ = mode;
-        let mut f = opts.open(&tmp).map_err(io("create", &tmp))?;
         f.write_all(bytes).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("sync", &tmp))?;
     }
@@ -383,6 +402,19 @@ fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// (never a new key under an old version byte). Running servers pick the new key up within a
 /// refresh interval. Returns the new version.
 pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
+    // One rotation at a time (two would both make "version N+1"); released when `_lock` drops.
+    let lock_path = data_dir.join("pseudonym.lock");
+    let _lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|source| Error::Io {
+            op: "lock",
+            path: lock_path.display().to_string(),
+            source,
+        })?;
     let current = pseudonym_key_version(data_dir)?;
     let next = current.checked_add(1).ok_or_else(|| {
         Error::invalid(
@@ -491,10 +523,13 @@ impl Node {
     /// refusal is logged, not returned as the write's failure (a client would retry a write that
     /// landed).
     pub async fn refresh_after_write(&self) -> Result<()> {
+        // The store's version with this write in it (read before refreshing: a later write may
+        // move it further, which must not make this one look unapplied).
+        let written = self.meta.version().await?;
         match self.refresh().await {
             Err(Error::PolicyRefused { message }) => {
                 // Applied when the snapshot now reflects the store (built over the last good files).
-                if self.snapshot().meta_version == self.meta.version().await? {
+                if self.snapshot().meta_version >= written {
                     tracing::warn!(error = %message, "change applied over the last good policy files");
                     Ok(())
                 } else {
@@ -1179,6 +1214,11 @@ mod tests {
         );
         let (k3, v3) = current_pseudonym_key(dir.path()).unwrap();
         assert_eq!((k3.len(), v3), (32, 3));
+        // In this layout `pseudonym.key` is an older version's key: if version 3's own file is
+        // lost, that copy is refused rather than used under byte 3.
+        std::fs::write(dir.path().join("pseudonym.key"), [2u8; 32]).unwrap();
+        std::fs::remove_file(dir.path().join("pseudonym.key.v3")).unwrap();
+        assert!(current_pseudonym_key(dir.path()).is_err());
         // A version whose key is nowhere is an error, never a fresh key under an old byte.
         std::fs::write(dir.path().join("pseudonym.version"), "5\n").unwrap();
         std::fs::remove_file(dir.path().join("pseudonym.key")).unwrap();

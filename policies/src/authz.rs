@@ -264,10 +264,15 @@ fn normalise_expiry(line: &str) -> String {
     let fields: Vec<&str> = line.split(',').map(str::trim).collect();
     match fields.as_slice() {
         ["p", sub, dom, obj, act, exp, eft] => match DateTime::parse_from_rfc3339(exp) {
-            Ok(t) => format!(
-                "p, {sub}, {dom}, {obj}, {act}, {}, {eft}",
-                policy_time(t.with_timezone(&Utc))
-            ),
+            Ok(t) => {
+                let utc = t.with_timezone(&Utc);
+                // Past year 9999 the text would read `+10000-...` and sort before every date.
+                let exp = match chrono::Datelike::year(&utc) > 9999 {
+                    true => NO_EXPIRY.to_string(),
+                    false => policy_time(utc),
+                };
+                format!("p, {sub}, {dom}, {obj}, {act}, {exp}, {eft}")
+            }
             Err(_) => line.to_string(),
         },
         _ => line.to_string(),
@@ -283,6 +288,12 @@ pub fn policy_time(t: DateTime<Utc>) -> String {
 /// Checks a policy file: each non-comment line must be `p, sub, dom, obj, act, exp, allow|deny`
 /// or `g, principal, role, org`. Errors name the line.
 pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
+    check_lines(text, file, true)
+}
+
+/// [`check_policy_text`]; with `shapes`, also the fields' shapes (no empty subject, domain or
+/// object; a domain that can match what it says).
+fn check_lines(text: &str, file: &str, shapes: bool) -> Result<()> {
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -302,13 +313,13 @@ pub fn check_policy_text(file: &str, text: &str) -> Result<()> {
                         fields.len()
                     )));
                 }
-                if let Some(empty) = fields[1..4].iter().position(|f| f.is_empty()) {
+                if let Some(empty) = fields[1..4].iter().position(|f| f.is_empty()).filter(|_| shapes) {
                     return Err(bad(format!(
                         "field {} (sub, dom, obj) is empty; use `*` for any",
                         empty + 2
                     )));
                 }
-                if let Some(why) = domain_problem(fields[2]) {
+                if let Some(why) = domain_problem(fields[2]).filter(|_| shapes) {
                     return Err(bad(why));
                 }
                 if fields[4] != "*" {
@@ -346,28 +357,11 @@ impl Authorizer {
         principals: &[Principal],
     ) -> Result<Self> {
         check_policy_text(base_policy.name, base_policy.text)?;
-        // Lines stored before a domain's shape was checked (`DE` for `DE/*`, an empty field)
-        // never matched what they meant, nor anything else: left out, loudly, rather than
-        // refusing to start.
-        let rules: Vec<&String> = rules
-            .iter()
-            .filter(|line| {
-                let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-                let problem = match fields.as_slice() {
-                    ["p", sub, dom, obj, ..] if sub.is_empty() || obj.is_empty() => {
-                        Some("an empty field".to_string())
-                    }
-                    ["p", _, dom, ..] => domain_problem(dom),
-                    _ => None,
-                };
-                if let Some(why) = &problem {
-                    tracing::warn!(line = %line, %why, "stored policy line left out: it never matched; remove it and add what was meant");
-                }
-                problem.is_none()
-            })
-            .collect();
-        let stored = rules.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n");
-        check_policy_text("stored policy rules", &stored)?;
+        // Stored lines were checked when written; those written before a domain's shape was
+        // checked keep the meaning they had (a bare `HP` names that organisation; a bare `DE`
+        // or an empty field names nothing), so only the line format is checked again here.
+        let stored = rules.join("\n");
+        check_lines(&stored, "stored policy rules", false)?;
         let mut text = String::new();
         for line in base_policy.text.lines().chain(stored.lines()) {
             let line = line.trim();
@@ -415,7 +409,11 @@ impl Authorizer {
         // so such a model is refused at load, never on every request afterwards.
         // A throwaway enforcer over lines matching anything, so that no clause of the matcher is
         // skipped by short-circuiting.
-        let probe_lines = format!("p, *, *, *, *, {NO_EXPIRY}, allow\np, *, *, *, *, {NO_EXPIRY}, deny\n");
+        // (The role line first: casbin stops at the first line that settles the effect.)
+        let probe_lines = format!(
+            "p, probe-role, *, *, *, {NO_EXPIRY}, allow\ng, probe, probe-role, ZZ/probe\n\
+             p, *, *, *, *, {NO_EXPIRY}, allow\np, *, *, *, *, {NO_EXPIRY}, deny\n"
+        );
         let mut prober = Enforcer::new(
             DefaultModel::from_str(model).await.map_err(|e| Error::Casbin {
                 op: "parse model",
@@ -729,6 +727,8 @@ mod tests {
         assert!(denied("2030-06-01T11:00:00-02:00").await);
         assert!(!denied("2030-06-01T11:59:59.9Z").await);
         assert!(denied("2030-06-01T12:00:01Z").await);
+        // "Forever" written with a negative offset stays forever (not `+10000-...` as text).
+        assert!(denied("9999-12-31T23:59:59-01:00").await);
     }
 
     #[tokio::test]
@@ -962,6 +962,7 @@ mod tests {
         for (from, to) in [
             ("purposeCovers(p.act, r.act)", "purposeCoverz(p.act, r.act)"),
             ("domainMatch(r.dom, p.dom, p.eft)", "domainMatch(r.dom, p.dom)"),
+            ("g(r.sub, p.sub, r.dom)", "g(r.sub, p.sub)"),
         ] {
             assert!(DEFAULT_MODEL.contains(from));
             let model = DEFAULT_MODEL.replace(from, to);
@@ -999,16 +1000,28 @@ mod tests {
             check_policy_text("f", &line("NO")).is_err(),
             "any two capitals look like a member state"
         );
-        // Such lines stored by an earlier release never matched: left out, the node still starts.
-        let people = vec![principal("t-de", "dkfz", Role::Trainer)];
-        let legacy = vec![line("DE"), line("DE/*")];
-        let a = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &legacy, vec![], &people)
-            .await
-            .unwrap();
-        let b = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[line("DE/*")], vec![], &people)
-            .await
-            .unwrap();
-        assert_eq!(a.version(), b.version(), "the legacy line is left out");
+        // Such lines stored by an earlier release keep their meaning, and the node still starts:
+        // a deny for an organisation named `HP` still denies it.
+        let people = vec![principal("t-hp", "HP", Role::Trainer)];
+        let legacy = vec![
+            line("DE"),
+            line("HP"),
+            "p, *, , demo, research, 9999-12-31T23:59:59Z, deny".into(),
+        ];
+        let a = Authorizer::build(
+            DEFAULT_MODEL,
+            &DEFAULT_POLICY_FILE,
+            &legacy,
+            vec![permit("HP", "research", None)],
+            &people,
+        )
+        .await
+        .unwrap();
+        assert!(
+            !a.decide(&people[0], &dataset(&["research"]), &p("research"), Utc::now())
+                .unwrap()
+                .allow
+        );
     }
 
     #[test]
