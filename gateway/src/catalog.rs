@@ -380,6 +380,19 @@ pub fn runtime(stores: &Stores) -> Result<Arc<RuntimeEnv>> {
         .build_arc()?)
 }
 
+/// The runtime of a session that holds rows (SQL, a plain-Flight floor or aggregate): a memory
+/// pool of `limit_mb`, and no disk manager, so nothing of the data spills to disk and a plan
+/// that needs more fails with `ResourcesExhausted`.
+pub fn limited_runtime(stores: &Stores, limit_mb: u64) -> Result<Arc<RuntimeEnv>> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    let bytes = usize::try_from(limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    Ok(RuntimeEnvBuilder::new()
+        .with_memory_limit(bytes, 1.0)
+        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+        .with_object_store_registry(stores.registry())
+        .build_arc()?)
+}
+
 /// A session with no tables, for opening raw sources.
 pub fn source_context(stores: &Stores) -> Result<SessionContext> {
     Ok(SessionContext::new_with_config_rt(session_config(), runtime(stores)?))
@@ -592,11 +605,7 @@ pub async fn plan_for(
     let holds_rows = cmd.aggregate.is_some() || policy.k_anonymity.is_some();
     let ctx = match holds_rows {
         true => {
-            let bytes = usize::try_from(node.sql.memory_limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
-            let runtime = RuntimeEnvBuilder::new()
-                .with_object_store_registry(node.stores.registry())
-                .with_memory_limit(bytes, 1.0)
-                .build_arc()?;
+            let runtime = limited_runtime(&node.stores, node.sql.memory_limit_mb)?;
             let ctx = SessionContext::new_with_config_rt(session_config(), runtime);
             ctx.register_table(cmd.dataset.as_str(), Arc::new(table))?;
             ctx

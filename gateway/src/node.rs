@@ -279,18 +279,7 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
         Err(e) => return Err(io("read secret")(e)),
     }
     let secret: [u8; 32] = rand::random();
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write as _;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp).map_err(io("create secret"))?;
-        f.write_all(&secret).map_err(io("write secret"))?;
-        f.sync_all().map_err(io("sync secret"))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io("install secret"))?;
+    write_durably(path, &secret, 0o600)?;
     Ok(secret.to_vec())
 }
 

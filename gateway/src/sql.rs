@@ -25,8 +25,6 @@ use datafusion::common::config::Dialect;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::source_as_provider;
 use datafusion::error::DataFusionError;
-use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::RecordBatchStream;
@@ -257,12 +255,7 @@ fn governed_state(
     let config = catalog::session_config()
         .with_default_catalog_and_schema(CATALOG, SCHEMA)
         .with_create_default_catalog_and_schema(false);
-    let bytes = usize::try_from(opts.memory_limit_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_limit(bytes, 1.0)
-        .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
-        .with_object_store_registry(stores.registry())
-        .build_arc()?;
+    let runtime = catalog::limited_runtime(stores, opts.memory_limit_mb)?;
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
