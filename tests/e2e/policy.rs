@@ -247,12 +247,8 @@ fn qi_groups(batches: &[arrow::array::RecordBatch]) -> std::collections::HashMap
     groups
 }
 
-#[tokio::test]
-async fn a_k_anonymity_floor_larger_than_the_memory_pool_is_resource_exhausted() {
-    // The floor holds the stream before its first row leaves: bounded by `sql.memory_limit_mb`.
-    let gw = TestGateway::start_with(200_000, |cfg, _| cfg.sql.memory_limit_mb = 1)
-        .await
-        .unwrap();
+/// The demo data as `kanon_patients`, with a k-anonymity floor of 3 and dkfz's permit.
+async fn register_kanon(gw: &TestGateway) {
     let mut m =
         Manifest::from_toml(&std::fs::read_to_string(gw.data_dir().join("demo/demo_patients.toml")).unwrap()).unwrap();
     m.name = DatasetId::parse("kanon_patients").unwrap();
@@ -269,6 +265,15 @@ async fn a_k_anonymity_floor_larger_than_the_memory_pool_is_resource_exhausted()
         .await
         .unwrap();
     gw.node.refresh().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_k_anonymity_floor_larger_than_the_memory_pool_is_resource_exhausted() {
+    // The floor holds the stream before its first row leaves: bounded by `sql.memory_limit_mb`.
+    let gw = TestGateway::start_with(200_000, |cfg, _| cfg.sql.memory_limit_mb = 1)
+        .await
+        .unwrap();
+    register_kanon(&gw).await;
     let mut ai = gw.client(Some(&gw.key("trainer-de")), Some(AI)).await.unwrap();
     let err = pull(&mut ai, path("kanon_patients")).await.unwrap_err();
     assert_eq!(status_code(&err), Some(Code::ResourceExhausted), "{err:?}");
@@ -280,22 +285,7 @@ async fn a_k_anonymity_floor_larger_than_the_memory_pool_is_resource_exhausted()
 #[tokio::test]
 async fn the_k_anonymity_floor_suppresses_rare_quasi_identifier_combinations() {
     let gw = TestGateway::start(4_000).await.unwrap();
-    let mut m =
-        Manifest::from_toml(&std::fs::read_to_string(gw.data_dir().join("demo/demo_patients.toml")).unwrap()).unwrap();
-    m.name = DatasetId::parse("kanon_patients").unwrap();
-    m.k_anonymity = Some(3);
-    gw.node.register_dataset(&m).await.unwrap();
-    gw.node
-        .add_permit(&Permit {
-            dataset: DatasetId::parse("kanon_patients").unwrap(),
-            org: "dkfz".into(),
-            purpose: Purpose::parse(AI).unwrap(),
-            expires: None,
-            special_category: false,
-        })
-        .await
-        .unwrap();
-    gw.node.refresh().await.unwrap();
+    register_kanon(&gw).await;
     let mut ai = gw.client(Some(&gw.key("trainer-de")), Some(AI)).await.unwrap();
 
     for filter in [None, Some("hba1c > 9")] {
