@@ -11,10 +11,14 @@
 
 pub mod error;
 pub mod listing;
+pub mod local;
+pub mod location;
 pub mod spec;
 pub mod stores;
 
 pub use error::{Error, Result};
 pub use listing::{open, verify};
+pub use local::ConfinedFileSystem;
+pub use location::{CanonicalLocation, LocationOptions, Locations, NotInALocation, Scheme};
 pub use spec::{CsvColumn, CsvOptions, Format, SourceSpec};
 pub use stores::{Secret, StoreKind, StoreOptions, Stores};

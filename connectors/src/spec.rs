@@ -192,7 +192,7 @@ impl CsvOptions {
 
 /// URL schemes read through a configured object store.
 const STORE_SCHEMES: &[&str] = &[
-    "s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "http", "https",
+    "s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss", "adl", "http", "https",
 ];
 
 impl SourceSpec {

@@ -43,7 +43,7 @@ impl StoreKind {
         match self {
             StoreKind::S3 => &["s3", "s3a"],
             StoreKind::Azure => &["az", "azure", "abfs", "abfss", "adl"],
-            StoreKind::Gcs => &["gs"],
+            StoreKind::Gcs => &["gs", "gcs"],
             StoreKind::Http => &["http", "https"],
         }
     }
@@ -142,6 +142,11 @@ fn default_timeout() -> u64 {
 }
 
 impl StoreOptions {
+    /// Whether this store reads locations of `scheme`.
+    pub fn reads(&self, scheme: crate::location::Scheme) -> bool {
+        self.kind.schemes().contains(&scheme.as_str())
+    }
+
     /// Refuses fields that do not apply to the store's kind: a field silently ignored (a GCS
     /// `endpoint`, an Azure `region`) would send requests somewhere the operator did not mean.
     pub fn validate(&self, name: &str) -> Result<()> {
@@ -224,9 +229,14 @@ impl Default for Stores {
 impl Stores {
     /// Stores from the configuration's `[stores]` table.
     pub fn new(configs: BTreeMap<String, StoreOptions>) -> Self {
+        let registry = DefaultObjectStoreRegistry::new();
+        // Local files are read through links never (see `local`), replacing DataFusion's default.
+        if let Ok(file) = Url::parse("file://") {
+            registry.register_store(&file, Arc::new(crate::local::ConfinedFileSystem::default()));
+        }
         Self {
             configs: Arc::new(configs),
-            registry: Arc::new(DefaultObjectStoreRegistry::new()),
+            registry: Arc::new(registry),
             owners: Arc::default(),
         }
     }

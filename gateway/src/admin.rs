@@ -145,8 +145,15 @@ async fn register_dataset(
     let who = caller(&node, &headers)?;
     let value: Value = parse_json(&body, "send the manifest as a JSON object")?;
     let manifest = Manifest::from_json(value)?;
-    node.require_steward_of(&who, &manifest.controller)?;
-    node.register_dataset(&manifest).await?;
+    node.register_dataset_as(&manifest, &who).await?;
+    // Shown as stored: the location in its canonical spelling.
+    let manifest = node
+        .meta
+        .datasets()
+        .await?
+        .into_iter()
+        .find(|m| m.name == manifest.name)
+        .unwrap_or(manifest);
     node.refresh_after_write().await?;
     tracing::info!(dataset = %manifest.name, by = %who.name, "dataset registered");
     Ok((StatusCode::CREATED, Json(dataset_view(&manifest, &who))))

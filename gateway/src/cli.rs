@@ -490,8 +490,10 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(manifest).with_context(|| format!("reading {}", manifest.display()))?;
             let m = Manifest::from_toml(&text)?;
             let cfg = effective_config(cli, config.as_ref(), None)?;
+            let locations = cfg.checked_locations()?;
             let stores = passerelle_connectors::Stores::new(cfg.stores);
-            node.register_dataset_with(&m, &stores).await?;
+            node.register_dataset_with(&m, &stores, &locations, crate::node::Registrar::Operator)
+                .await?;
             print(j, serde_json::to_value(&m)?, || {
                 format!(
                     "dataset `{}` registered ({} columns classified)",

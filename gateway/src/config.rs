@@ -109,6 +109,10 @@ pub struct GatewayConfig {
     /// Object stores by name (`[stores.<name>]`); manifests refer to them by name.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub stores: std::collections::BTreeMap<String, passerelle_connectors::StoreOptions>,
+    /// Storage locations by name (`[locations.<name>]`): where each controller's datasets may
+    /// live. With any declared, datasets register only inside one naming their controller.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub locations: std::collections::BTreeMap<String, passerelle_connectors::LocationOptions>,
 }
 
 impl GatewayConfig {
@@ -172,10 +176,37 @@ impl GatewayConfig {
         for (name, store) in &self.stores {
             store.validate(name)?;
         }
+        self.checked_locations()?;
         if self.demo.rows == 0 {
             return Err(Error::invalid("demo.rows must be at least 1", "the default is 1000000"));
         }
         Ok(())
+    }
+
+    /// The `[locations.*]` sections, checked, each object-store location naming a configured
+    /// store of its kind.
+    pub fn checked_locations(&self) -> Result<passerelle_connectors::Locations> {
+        let locations = passerelle_connectors::Locations::new(self.locations.clone())?;
+        for (name, loc) in &self.locations {
+            for c in &loc.controllers {
+                passerelle_policies::authz::check_policy_value(c)?;
+            }
+            let Some(store) = &loc.store else { continue };
+            let Some(opts) = self.stores.get(store) else {
+                return Err(Error::invalid(
+                    format!("[locations.{name}] names store `{store}`, which is not configured"),
+                    "declare it as [stores.<name>] or name a configured store",
+                ));
+            };
+            let scheme = passerelle_connectors::CanonicalLocation::lexical(&loc.url)?.scheme();
+            if !opts.reads(scheme) {
+                return Err(Error::invalid(
+                    format!("[locations.{name}]: store `{store}` cannot read `{}://` locations", scheme.as_str()),
+                    "name a store of the location's kind (s3, azure, gcs, http)",
+                ));
+            }
+        }
+        Ok(locations)
     }
 
     /// The effective configuration as TOML (there are no secrets in it to redact).

@@ -11,12 +11,13 @@ const HINT: &str =
     "CSV header: subject_id,purpose,status,timestamp[,expires_at]; status granted|withdrawn; RFC 3339 times";
 
 /// Parses consent CSV (RFC 4180: fields may be quoted, so a subject id may hold a comma; the
-/// header may carry a byte-order mark and fields surrounding spaces).
+/// header may carry a byte-order mark). Spaces around the header's names and around purpose,
+/// status and times are ignored; a subject id is taken byte for byte.
 pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .trim(csv::Trim::All)
+        .trim(csv::Trim::None)
         .from_reader(text.trim_start_matches('\u{feff}').as_bytes());
     let mut record = csv::StringRecord::new();
     let bad_header = || {
@@ -33,7 +34,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
     if !reader.read_record(&mut record).map_err(unreadable)? {
         return Err(bad_header());
     }
-    let with_expiry = match record.iter().collect::<Vec<_>>().as_slice() {
+    let with_expiry = match record.iter().map(str::trim).collect::<Vec<_>>().as_slice() {
         ["subject_id", "purpose", "status", "timestamp"] => false,
         ["subject_id", "purpose", "status", "timestamp", "expires_at"] => true,
         _ => return Err(bad_header()),
@@ -41,7 +42,7 @@ pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
     let want = if with_expiry { 5 } else { 4 };
     let mut events = Vec::new();
     while reader.read_record(&mut record).map_err(unreadable)? {
-        if record.len() == 1 && record[0].is_empty() {
+        if record.len() == 1 && record[0].trim().is_empty() {
             continue; // a blank line
         }
         let line = line_of(&record);

@@ -24,6 +24,8 @@ use crate::node::Node;
 
 /// The demo's consent registry.
 pub const DEMO_REGISTRY: &str = "aphp-patients";
+/// The organisation that controls the demo dataset.
+pub const DEMO_CONTROLLER: &str = "aphp";
 /// The demo dataset.
 pub const DEMO_DATASET: &str = "demo_patients";
 

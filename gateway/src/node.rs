@@ -11,6 +11,7 @@ use chrono::{Datelike as _, Utc};
 use passerelle_policies::authz::{DEFAULT_MODEL, DEFAULT_POLICY_FILE, PolicyFile};
 use passerelle_policies::consent::{ConsentEvent, ConsentIndex, ConsentStore};
 use passerelle_policies::enforce::Pseudonymiser;
+use passerelle_connectors::{CanonicalLocation, Locations, Scheme};
 use passerelle_policies::{Authorizer, Permit, Principal, Role};
 use tokio::sync::watch;
 
@@ -119,6 +120,8 @@ pub struct Node {
     pub queries: crate::sql::QueryExecutor,
     /// Object stores of the configuration, shared by every session.
     pub stores: passerelle_connectors::Stores,
+    /// Storage locations and the controllers whose datasets may live there (`[locations.*]`).
+    pub locations: Locations,
     /// How long an opened source (its file list at opening and schema) is reused.
     pub source_ttl: Duration,
     /// Opened raw sources by dataset: schema inference (listing, footers) once per dataset and
@@ -132,6 +135,16 @@ pub struct Node {
     changed: watch::Sender<u64>,
     /// One refresh at a time, so a slow refresh cannot put back an older snapshot.
     refreshing: tokio::sync::Mutex<()>,
+}
+
+/// Who registers a dataset: the node's operator (CLI, demo), who may register anywhere when no
+/// location is declared, or a principal over REST.
+#[derive(Debug, Clone, Copy)]
+pub enum Registrar<'a> {
+    /// The CLI or the demo, run by whoever runs the node.
+    Operator,
+    /// A steward or admin over REST.
+    Principal(&'a Principal),
 }
 
 /// Builds a checked deny line for `dataset` (or `*`), `purpose` and a domain pattern.
@@ -476,6 +489,7 @@ impl Node {
             client_tls: None,
             sql: crate::sql::SqlOptions::default(),
             stores: passerelle_connectors::Stores::default(),
+            locations: Locations::default(),
             source_ttl: Duration::from_secs(60),
             raw_sources: std::sync::Mutex::default(),
             // Twice the cores: a plan that computes for long without yielding (it is aborted at
@@ -935,22 +949,36 @@ impl Node {
         Ok(key)
     }
 
-    /// Validates a manifest against its source and stores it. Nothing is stored on failure.
+    /// Validates a manifest against its source and stores it, as the node's operator (CLI,
+    /// demo). Nothing is stored on failure.
     ///
-    /// The location may not lie inside the node's data directory (keys, database) other than its
-    /// `demo/` folder, nor overlap a dataset of another controller (which would let one
-    /// organisation re-register another's data under its own, weaker policy). The consent
-    /// registry is claimed for the controller and may not belong to another organisation.
+    /// The location is canonicalised first (see `passerelle_connectors::location`) and must lie
+    /// inside a declared `[locations.*]` naming the controller, when any is declared; it may not
+    /// lie inside the node's data directory other than its `demo/` folder, nor overlap a
+    /// dataset of another controller (which would let one organisation re-register another's
+    /// data under its own, weaker policy). The consent registry is claimed for the controller
+    /// and may not belong to another organisation.
     pub async fn register_dataset(&self, manifest: &Manifest) -> Result<()> {
-        self.register_dataset_with(manifest, &self.stores).await
+        self.register_dataset_with(manifest, &self.stores, &self.locations, Registrar::Operator)
+            .await
     }
 
-    /// As [`Node::register_dataset`], reading the source through `stores` (the CLI passes the
-    /// stores of its `--config`).
+    /// As [`Node::register_dataset`], for a principal over REST: a steward registers only inside
+    /// a declared location of its organisation.
+    pub async fn register_dataset_as(&self, manifest: &Manifest, by: &Principal) -> Result<()> {
+        self.require_steward_of(by, &manifest.controller)?;
+        self.register_dataset_with(manifest, &self.stores, &self.locations, Registrar::Principal(by))
+            .await
+    }
+
+    /// As [`Node::register_dataset`], reading the source through `stores` and checking it
+    /// against `locations` (the CLI passes those of its `--config`).
     pub async fn register_dataset_with(
         &self,
         manifest: &Manifest,
         stores: &passerelle_connectors::Stores,
+        locations: &Locations,
+        by: Registrar<'_>,
     ) -> Result<()> {
         if let Some(f) = &manifest.federation {
             let valid = !f.is_empty()
@@ -969,11 +997,13 @@ impl Node {
                 .values()
                 .find(|m| m.federation.as_deref() == Some(f) && m.name != manifest.name)
             {
+                // Another controller's dataset is not named to the caller.
+                let holder = match other.controller == manifest.controller {
+                    true => format!("dataset `{}` is", other.name),
+                    false => "another dataset is".to_string(),
+                };
                 return Err(Error::invalid(
-                    format!(
-                        "dataset `{}` is already this node's part of federation `{f}`",
-                        other.name
-                    ),
+                    format!("{holder} already this node's part of federation `{f}`"),
                     "a node holds one part of each federated dataset",
                 ));
             }
@@ -993,11 +1023,15 @@ impl Node {
                 "choose another dataset name",
             ));
         }
-        let location = manifest.source().normalised_location()?;
+        // The location is checked as the caller's before anything is read from it, and stored
+        // in its canonical spelling.
+        let location = self.check_location(manifest, locations, by).await?;
+        let mut manifest = manifest.clone();
+        manifest.location = location.to_string();
+        let manifest = &manifest;
         // Validate through a private registry; the shared one learns the store on first use.
         let trial = stores.isolated();
         trial.prepare(&manifest.source())?;
-        self.check_location(manifest, &location).await?;
         let policy = manifest.policy();
         if let Some(owner) = self.meta.registry_owner(&policy.consent_registry).await?
             && owner != manifest.controller
@@ -1021,57 +1055,82 @@ impl Node {
         self.meta.insert_dataset(manifest).await
     }
 
-    async fn check_location(&self, manifest: &Manifest, location: &str) -> Result<()> {
+    /// The dataset's location in canonical form, once it is known to be the caller's to
+    /// register. A principal's refusal is one message whatever the reason (outside its
+    /// locations, missing, a link elsewhere, another controller's), so that registration cannot
+    /// be used to probe the node's storage.
+    async fn check_location(
+        &self,
+        manifest: &Manifest,
+        locations: &Locations,
+        by: Registrar<'_>,
+    ) -> Result<CanonicalLocation> {
+        let shown = manifest.location.trim().to_string();
         let refused = || {
             Error::invalid(
-                format!("location `{location}` is not available for registration"),
-                "register data outside the node's data directory, in storage your organisation controls",
+                format!("location `{shown}` is not available for registration"),
+                "register an existing file or prefix inside a storage location declared for the controller \
+                 ([locations.<name>] naming it among `controllers` in the node's configuration), read \
+                 through the store that location names",
             )
         };
-        if let Some(path) = location.strip_prefix("file://") {
-            let path = Path::new(path);
-            let resolved = std::fs::canonicalize(path).map_err(|e| {
-                Error::invalid(
-                    format!("location `{location}` cannot be read: {e}"),
-                    "check the path and its permissions",
-                )
-            })?;
+        let lexical = CanonicalLocation::lexical(&shown)?;
+        let steward = matches!(by, Registrar::Principal(p) if p.role != Role::Admin);
+        let store = manifest.store.as_deref();
+        let canonical = if locations.is_empty() {
+            if steward {
+                return Err(Error::invalid(
+                    "this node declares no storage locations, so stewards cannot register datasets over REST",
+                    "the operator declares [locations.<name>] (url, controllers) in the configuration, \
+                     or registers the dataset with `passerelle dataset register`",
+                ));
+            }
+            lexical.resolve()?
+        } else {
+            // Lexically first, so that nothing outside the caller's locations is even looked at.
+            locations
+                .admit(&manifest.controller, &lexical, store, false)
+                .map_err(|_| refused())?;
+            let resolved = match lexical.resolve() {
+                Ok(r) => r,
+                Err(_) if steward => return Err(refused()),
+                Err(e) => return Err(e.into()),
+            };
+            locations
+                .admit(&manifest.controller, &resolved, store, true)
+                .map_err(|_| refused())?;
+            resolved
+        };
+        if canonical.scheme() == Scheme::File {
             let data_dir = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
-            if resolved.starts_with(&data_dir) && !resolved.starts_with(data_dir.join("demo")) {
+            let inside = |dir: &Path| {
+                CanonicalLocation::lexical(&format!("{}/", dir.display())).is_ok_and(|d| d.contains(&canonical))
+            };
+            if inside(&data_dir) && !inside(&data_dir.join("demo")) {
                 return Err(refused());
             }
         }
-        let trimmed = |l: &str| l.trim_end_matches('/').to_string();
-        let mine = trimmed(location);
         for other in self.meta.datasets().await? {
-            let Ok(theirs) = other.source().normalised_location() else {
+            if other.name == manifest.name {
+                continue;
+            }
+            // Stored locations are canonical since this release; older ones are read as stored.
+            let Ok(theirs) = CanonicalLocation::lexical(other.location.trim()).map(|l| l.clone().resolve().unwrap_or(l)) else {
                 continue;
             };
-            let theirs = trimmed(&theirs);
-            let overlaps =
-                mine == theirs || mine.starts_with(&format!("{theirs}/")) || theirs.starts_with(&format!("{mine}/"));
-            if overlaps && other.controller != manifest.controller {
+            if canonical.overlaps(&theirs) && other.controller != manifest.controller {
                 return Err(refused());
             }
             // A bucket is read with one set of credentials: one store per bucket.
-            let bucket = |l: &str| l.split('/').take(3).collect::<Vec<_>>().join("/");
-            if !mine.starts_with("file://")
-                && bucket(&mine) == bucket(&theirs)
-                && other.store != manifest.store
-                && other.name != manifest.name
+            if canonical.scheme() != Scheme::File && canonical.bucket() == theirs.bucket() && other.store != manifest.store
             {
                 return Err(Error::invalid(
-                    format!(
-                        "`{}` is already read through store `{}` (dataset `{}`)",
-                        bucket(&mine),
-                        other.store.as_deref().unwrap_or("(none)"),
-                        other.name
-                    ),
+                    format!("`{}` is already read through another store", canonical.bucket()),
                     "use the same store for every dataset of a bucket",
                 ));
             }
         }
-        Ok(())
+        Ok(canonical)
     }
 
     /// Adds or renews a permit for a registered dataset.

@@ -21,6 +21,34 @@ const MAX_DECODING_MESSAGE: usize = 4 * 1024 * 1024;
 /// Largest gRPC message sent (batches are ~8k rows; leave room for wide rows).
 const MAX_ENCODING_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// The configuration's locations, plus, for `serve --demo`, one for the demo's own data
+/// (controller `aphp`) unless a declared location already holds it.
+fn locations_with_demo(cfg: &GatewayConfig, data_dir: &std::path::Path) -> Result<passerelle_connectors::Locations> {
+    let declared = cfg.checked_locations()?;
+    if !cfg.demo.enabled {
+        return Ok(declared);
+    }
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let url = format!("file://{}/demo/", dir.display());
+    let demo = passerelle_connectors::CanonicalLocation::lexical(&url)?;
+    let held = declared.sections().values().any(|l| {
+        passerelle_connectors::CanonicalLocation::lexical(&l.url).is_ok_and(|l| l.overlaps(&demo))
+    });
+    if held {
+        return Ok(declared);
+    }
+    let mut sections = declared.sections().clone();
+    sections.insert(
+        "demo".to_string(),
+        passerelle_connectors::LocationOptions {
+            url,
+            controllers: vec![crate::demo::DEMO_CONTROLLER.to_string()],
+            store: None,
+        },
+    );
+    Ok(passerelle_connectors::Locations::new(sections)?)
+}
+
 /// A bound, ready-to-run gateway.
 #[derive(Debug)]
 pub struct Application {
@@ -43,6 +71,7 @@ impl Application {
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
             n.sql = cfg.sql.clone();
             n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
+            n.locations = locations_with_demo(cfg, &n.data_dir)?;
             n.source_ttl = Duration::from_secs(cfg.sources.cache_ttl_secs);
             n.allow_bearer = cfg.tls.as_ref().is_none_or(|t| t.allow_bearer);
             n.limits = Arc::new(crate::limits::Limits::new(cfg.limits.clone()));

@@ -50,6 +50,9 @@ pub struct ConsentEvent {
     pub expires_at_micros: Option<i64>,
 }
 
+/// Longest subject id accepted, in bytes.
+pub const MAX_SUBJECT_ID_BYTES: usize = 256;
+
 impl ConsentEvent {
     /// Builds an event from the CSV/JSON text fields, naming the field that is wrong.
     pub fn parse(subject_id: &str, purpose: &str, status: &str, timestamp: &str) -> Result<Self> {
@@ -64,15 +67,16 @@ impl ConsentEvent {
         timestamp: &str,
         expires_at: Option<&str>,
     ) -> Result<Self> {
-        let subject_id = subject_id.trim();
+        // Byte-exact: a subject id is never trimmed, case-folded or normalised, since `" carol "`
+        // and `carol` may be two people; a wrong id is refused, never altered.
         if subject_id.is_empty() {
             return Err(Error::InvalidConsentEvent {
                 reason: "subject_id is empty".into(),
             });
         }
-        if subject_id.len() > 256 {
+        if subject_id.len() > MAX_SUBJECT_ID_BYTES {
             return Err(Error::InvalidConsentEvent {
-                reason: "subject_id is longer than 256 bytes".into(),
+                reason: format!("subject_id is longer than {MAX_SUBJECT_ID_BYTES} bytes"),
             });
         }
         let purpose = Purpose::parse(purpose.trim())?;

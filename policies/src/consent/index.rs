@@ -102,10 +102,6 @@ struct PurposeMap {
     strs: HashMap<Box<str>, i64, RandomState>,
     /// End of validity of latest events that are grants with an end date.
     expiring: HashMap<SubjectKey, i64, RandomState>,
-    /// Text ids that spell an integer other than canonically (`042`, ` 42`): an integer set
-    /// merges them with the integer, so it cannot be patched per event while any exist. Other
-    /// text ids (`abc`) never reach an integer set and cost it nothing.
-    int_spellings: usize,
 }
 
 impl PurposeMap {
@@ -114,12 +110,7 @@ impl PurposeMap {
             SubjectKey::Int(i) => self.ints.entry(*i).or_insert(i64::MIN),
             SubjectKey::Str(s) => match self.strs.get_mut(s.as_ref()) {
                 Some(r) => r,
-                None => {
-                    if s.trim().parse::<i64>().is_ok() {
-                        self.int_spellings += 1;
-                    }
-                    self.strs.entry(s.clone()).or_insert(i64::MIN)
-                }
+                None => self.strs.entry(s.clone()).or_insert(i64::MIN),
             },
         };
         if new_rank < *slot {
@@ -188,14 +179,9 @@ impl Registry {
                 .iter()
                 .filter_map(|p| by_purpose.get(p))
                 .collect();
-            // Integer sets merge spellings ("042" = 42): only canonical ids with no other
-            // spellings around can be patched exactly.
-            if *kind == KeyKind::Int && (matches!(key, SubjectKey::Str(_)) || maps.iter().any(|m| m.int_spellings > 0))
-            {
-                if matches!(key, SubjectKey::Str(s) if s.trim().parse::<i64>().is_err()) {
-                    continue; // not an integer: cannot match an integer column
-                }
-                stale.push(k.clone());
+            // Ids are byte-exact: text that is not an integer's canonical decimal (`042`, ` 42`,
+            // `+42`) never names a subject of an integer column.
+            if *kind == KeyKind::Int && matches!(key, SubjectKey::Str(_)) {
                 continue;
             }
             let latest = maps.iter().filter_map(|m| m.get(key)).max_by_key(|(r, _)| *r);
@@ -294,7 +280,10 @@ impl SubjectSet {
     pub fn contains_str(&self, id: &str) -> bool {
         match self {
             SubjectSet::Strs(s) => s.contains(id),
-            SubjectSet::Ints(_) => id.parse::<i64>().is_ok_and(|v| self.contains_i64(v)),
+            SubjectSet::Ints(_) => match SubjectKey::of(id) {
+                SubjectKey::Int(v) => self.contains_i64(v),
+                SubjectKey::Str(_) => false,
+            },
         }
     }
 
@@ -546,16 +535,12 @@ fn compile(reg: &Registry, purpose: &Purpose, basis: LegalBasis, kind: KeyKind, 
     let expiry = |key: &SubjectKey, m: &PurposeMap| m.expiring.get(key).copied().unwrap_or(i64::MAX);
     let set = match kind {
         KeyKind::Int => {
-            // Integer columns: `"42"` and a non-canonical `"042"` are one subject.
+            // Integer columns match only ids written as the integer's canonical decimal text
+            // (`42`, `-5`): `042`, ` 42` or `+42` are other subjects, which no integer names.
             let mut latest: HashMap<i64, (i64, i64), RandomState> = HashMap::default();
             for m in &maps {
                 for (id, r) in &m.ints {
                     merge(&mut latest, *id, *r, || expiry(&SubjectKey::Int(*id), m));
-                }
-                for (s, r) in &m.strs {
-                    if let Ok(id) = s.trim().parse::<i64>() {
-                        merge(&mut latest, id, *r, || expiry(&SubjectKey::Str(s.clone()), m));
-                    }
                 }
             }
             SubjectSet::compile_ints(
@@ -797,23 +782,39 @@ mod tests {
     }
 
     #[test]
-    fn integer_ids_are_one_subject_whatever_their_spelling() {
+    fn integer_columns_match_only_the_canonical_decimal_text() {
         let idx = ConsentIndex::new();
-        let g = ev("000042", "a", "granted", 1);
-        let w = ev("42", "a", "withdrawn", 2);
-        idx.apply([(1, "r", &g), (2, "r", &w)]);
+        // Grants under spellings that are not 42's canonical text, and a grant for -5.
+        let events = [
+            ev("000042", "a", "granted", 1),
+            ev(" 42", "a", "granted", 1),
+            ev("+42", "a", "granted", 1),
+            ev("42 ", "a", "granted", 1),
+            ev("-5", "a", "granted", 1),
+            ev("-0", "a", "granted", 1),
+        ];
+        idx.apply(events.iter().enumerate().map(|(i, e)| (i as u64 + 1, "r", e)));
         let p = Purpose::parse("a").unwrap();
-        assert!(
-            !idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int)
-                .set
-                .contains_i64(42)
-        );
-        // String columns keep spellings apart: "000042" is a different string id.
-        assert!(
-            idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Str)
-                .set
-                .contains_str("000042")
-        );
+        let ints = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int).set;
+        assert!(!ints.contains_i64(42), "no spelling but `42` names subject 42");
+        assert!(!ints.contains_i64(0), "`-0` is not 0's canonical text");
+        assert!(ints.contains_i64(-5));
+        for spelled in ["42", "000042", " 42", "+42"] {
+            assert!(!ints.contains_str(spelled), "{spelled:?}");
+        }
+        assert!(ints.contains_str("-5"));
+        // String columns keep every spelling apart, byte for byte.
+        let strs = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Str).set;
+        for (id, member) in [("000042", true), (" 42", true), ("+42", true), ("42", false), ("42  ", false)] {
+            assert_eq!(strs.contains_str(id), member, "{id:?}");
+        }
+        // Under public interest the set holds objectors: a withdrawal spelled `042` is not
+        // subject 42's objection, one spelled `42` is.
+        idx.apply([(100, "r", &ev("042", "a", "withdrawn", 2))]);
+        let objectors = || idx.subject_set("r", &p, LegalBasis::PublicInterest, KeyKind::Int).set;
+        assert!(!objectors().contains_i64(42));
+        idx.apply([(101, "r", &ev("42", "a", "withdrawn", 3))]);
+        assert!(objectors().contains_i64(42));
     }
 
     #[test]
@@ -834,11 +835,11 @@ mod tests {
         assert_eq!(compiled(), 1, "patched, not dropped for a recompile");
         let set = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int).set;
         assert!(set.contains_i64(1) && !set.contains_i64(2));
-        // A non-canonical spelling of an integer does need the recompile (it merges with 1).
+        // A non-canonical spelling of an integer is another subject: the set is untouched.
         idx.apply([(11, "r", &ev("01", "a", "withdrawn", 3))]);
-        assert_eq!(compiled(), 0);
+        assert_eq!(compiled(), 1);
         let set = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Int).set;
-        assert!(!set.contains_i64(1) && !set.contains_i64(2));
+        assert!(set.contains_i64(1) && !set.contains_i64(2));
     }
 
     #[test]
