@@ -396,6 +396,15 @@ impl Locations {
                 }
                 _ => {}
             }
+            // The registry keeps one client per bucket: one bucket, one store.
+            if let Some((other, _)) = parsed.iter().find(|(n, l)| {
+                l.scheme != Scheme::File && l.bucket() == loc.bucket() && sections[*n].store != opts.store
+            }) {
+                return Err(bad(
+                    name,
+                    format!("[locations.{other}] reads the same bucket through another store; one bucket, one store"),
+                ));
+            }
             if let Some((other, _)) = parsed.iter().find(|(_, l)| l.overlaps(&loc)) {
                 return Err(bad(
                     name,
@@ -558,6 +567,7 @@ mod tests {
             vec![("x", opts("s3://b/p/", &["a"], None))],
             vec![("x", opts("/srv/", &["a"], Some("lake")))],
             vec![("x", opts("/srv/", &[], None))],
+            vec![("x", opts("s3://b/p/", &["a"], Some("s1"))), ("y", opts("s3://b/q/", &["b"], Some("s2")))],
             vec![("x", opts("/srv/*.csv", &["a"], None))],
         ] {
             let sections = bad.into_iter().map(|(n, o)| (n.to_string(), o)).collect();

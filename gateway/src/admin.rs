@@ -145,15 +145,8 @@ async fn register_dataset(
     let who = caller(&node, &headers)?;
     let value: Value = parse_json(&body, "send the manifest as a JSON object")?;
     let manifest = Manifest::from_json(value)?;
-    node.register_dataset_as(&manifest, &who).await?;
     // Shown as stored: the location in its canonical spelling.
-    let manifest = node
-        .meta
-        .datasets()
-        .await?
-        .into_iter()
-        .find(|m| m.name == manifest.name)
-        .unwrap_or(manifest);
+    let manifest = node.register_dataset_as(&manifest, &who).await?;
     node.refresh_after_write().await?;
     tracing::info!(dataset = %manifest.name, by = %who.name, "dataset registered");
     Ok((StatusCode::CREATED, Json(dataset_view(&manifest, &who))))

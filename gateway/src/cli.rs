@@ -230,7 +230,8 @@ pub enum ConsentCmd {
     Withdraw {
         #[arg(long)]
         registry: String,
-        #[arg(long)]
+        /// The subject id, byte for byte (`--subject -5` works: ids may start with a hyphen).
+        #[arg(long, allow_hyphen_values = true)]
         subject: String,
         #[arg(long)]
         purpose: String,
@@ -492,7 +493,8 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
             let cfg = effective_config(cli, config.as_ref(), None)?;
             let locations = cfg.checked_locations()?;
             let stores = passerelle_connectors::Stores::new(cfg.stores);
-            node.register_dataset_with(&m, &stores, &locations, crate::node::Registrar::Operator)
+            let m = node
+                .register_dataset_with(&m, &stores, &locations, crate::node::Registrar::Operator)
                 .await?;
             print(j, serde_json::to_value(&m)?, || {
                 format!(

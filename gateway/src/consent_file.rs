@@ -14,11 +14,12 @@ const HINT: &str =
 /// header may carry a byte-order mark). Spaces around the header's names and around purpose,
 /// status and times are ignored; a subject id is taken byte for byte.
 pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
+    let body = text.trim_start_matches('\u{feff}');
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .trim(csv::Trim::None)
-        .from_reader(text.trim_start_matches('\u{feff}').as_bytes());
+        .from_reader(body.as_bytes());
     let mut record = csv::StringRecord::new();
     let bad_header = || {
         Error::invalid(
@@ -26,9 +27,16 @@ pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
             HINT,
         )
     };
-    let line_of = |r: &csv::StringRecord| r.position().map_or(0, csv::Position::line);
+    // Counted from the byte offset: the csv crate's own line count lags by one after a CRLF.
+    let line_at = |pos: Option<&csv::Position>| {
+        let Some(pos) = pos else { return 0 };
+        let start = usize::try_from(pos.byte()).unwrap_or(usize::MAX).min(body.len());
+        let skipped = body[start..].bytes().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+        1 + body.as_bytes()[..start + skipped].iter().filter(|b| **b == b'\n').count()
+    };
+    let line_of = |r: &csv::StringRecord| line_at(r.position());
     let unreadable = |e: csv::Error| {
-        let line = e.position().map_or(0, csv::Position::line);
+        let line = line_at(e.position());
         Error::invalid(format!("line {line}: {e}"), HINT)
     };
     if !reader.read_record(&mut record).map_err(unreadable)? {
@@ -149,6 +157,21 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn csv_errors_name_the_line_whatever_the_line_endings() {
+        for eol in ["\n", "\r\n"] {
+            let text = ["subject_id,purpose,status,timestamp", "good,research,granted,2024-01-01T00:00:00Z", "",
+                ",research,granted,2024-01-01T00:00:00Z", ""]
+            .join(eol);
+            let err = parse_csv(&text).unwrap_err().to_string();
+            assert!(err.contains("line 4"), "{eol:?}: {err}");
+        }
+        // Subject ids are taken byte for byte; the other fields may be padded.
+        let e = parse_csv("subject_id , purpose,status,timestamp\n  carol  , research ,granted, 2024-01-01T00:00:00Z\n")
+            .unwrap();
+        assert_eq!(e[0].subject_id, "  carol  ");
     }
 
     #[test]

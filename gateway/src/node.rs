@@ -958,14 +958,14 @@ impl Node {
     /// dataset of another controller (which would let one organisation re-register another's
     /// data under its own, weaker policy). The consent registry is claimed for the controller
     /// and may not belong to another organisation.
-    pub async fn register_dataset(&self, manifest: &Manifest) -> Result<()> {
+    pub async fn register_dataset(&self, manifest: &Manifest) -> Result<Manifest> {
         self.register_dataset_with(manifest, &self.stores, &self.locations, Registrar::Operator)
             .await
     }
 
     /// As [`Node::register_dataset`], for a principal over REST: a steward registers only inside
     /// a declared location of its organisation.
-    pub async fn register_dataset_as(&self, manifest: &Manifest, by: &Principal) -> Result<()> {
+    pub async fn register_dataset_as(&self, manifest: &Manifest, by: &Principal) -> Result<Manifest> {
         self.require_steward_of(by, &manifest.controller)?;
         self.register_dataset_with(manifest, &self.stores, &self.locations, Registrar::Principal(by))
             .await
@@ -979,7 +979,13 @@ impl Node {
         stores: &passerelle_connectors::Stores,
         locations: &Locations,
         by: Registrar<'_>,
-    ) -> Result<()> {
+    ) -> Result<Manifest> {
+        // A taken name is said first, before anything is read, and says nothing of whose it is.
+        if self.meta.datasets().await?.iter().any(|m| m.name == manifest.name) {
+            return Err(Error::AlreadyExists {
+                what: format!("dataset `{}`", manifest.name),
+            });
+        }
         if let Some(f) = &manifest.federation {
             let valid = !f.is_empty()
                 && f.len() <= 64
@@ -1052,7 +1058,8 @@ impl Node {
         self.meta
             .claim_registry(&policy.consent_registry, &manifest.controller)
             .await?;
-        self.meta.insert_dataset(manifest).await
+        self.meta.insert_dataset(manifest).await?;
+        Ok(manifest.clone())
     }
 
     /// The dataset's location in canonical form, once it is known to be the caller's to

@@ -21,6 +21,8 @@ fn every_example_config_loads() {
     assert_eq!(node.tickets.ttl_secs, 600);
     assert_eq!(node.sql, passerelle::sql::SqlOptions::default());
     assert_eq!(node.stores["lake"].kind, passerelle_connectors::StoreKind::S3);
+    assert_eq!(node.locations["aphp-lake"].store.as_deref(), Some("lake"));
+    assert_eq!(node.checked_locations().unwrap().sections().len(), 2);
     assert_eq!(node.sources.cache_ttl_secs, 60);
     assert_eq!(node.limits, passerelle::limits::LimitOptions::default());
     assert_eq!(node.node_id.as_deref(), Some("gw-fr"));

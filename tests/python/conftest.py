@@ -581,9 +581,22 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
         return None
 
 
+# Organisations whose stewards the shared servers' tests let register files of their own temporary directories.
+TEST_CONTROLLERS = ("aphp", "evil")
+
+
+def tests_location_config(base: Path, root: Path, controllers: Iterable[str] = TEST_CONTROLLERS) -> Path:
+    """A configuration declaring one storage location, `root` (a directory the tests write datasets under), for
+    `controllers`: REST registration by stewards needs a declared location naming the dataset's controller."""
+    cfg = base / "locations.toml"
+    names = ", ".join(json.dumps(c) for c in controllers)
+    cfg.write_text(f'[locations.tests]\nurl = "file://{root.resolve()}/"\ncontrollers = [{names}]\n')
+    return cfg
+
+
 def _gateway_fixture(binary: Path, tmp_path_factory: pytest.TempPathFactory, name: str):
     base = tmp_path_factory.mktemp(name)
-    gw = start_gateway(binary, base / "data")
+    gw = start_gateway(binary, base / "data", config=tests_location_config(base, tmp_path_factory.getbasetemp()))
     try:
         yield gw
     finally:
