@@ -82,6 +82,8 @@ pub enum Action {
     SqlMetadata,
     /// Flight Handshake (login).
     Handshake,
+    /// A dataset registration (CLI or REST), allowed or refused.
+    RegisterDataset,
 }
 
 impl Action {
@@ -95,6 +97,7 @@ impl Action {
             Action::SqlPrepare => "sql_prepare",
             Action::SqlMetadata => "sql_metadata",
             Action::Handshake => "handshake",
+            Action::RegisterDataset => "register_dataset",
         }
     }
 }

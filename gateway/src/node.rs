@@ -980,6 +980,52 @@ impl Node {
         locations: &Locations,
         by: Registrar<'_>,
     ) -> Result<Manifest> {
+        let outcome = self.try_register(manifest, stores, locations, by).await;
+        self.audit_registration(manifest, by, &outcome).await?;
+        outcome
+    }
+
+    /// Audits a registration, allowed or refused: who asked for which dataset at which location
+    /// (the canonical one once registered, as given when refused).
+    async fn audit_registration(
+        &self,
+        manifest: &Manifest,
+        by: Registrar<'_>,
+        outcome: &Result<Manifest>,
+    ) -> Result<()> {
+        let (principal, organisation, member_state) = match by {
+            Registrar::Operator => ("(operator)".to_string(), String::new(), String::new()),
+            Registrar::Principal(p) => (p.name.clone(), p.org.clone(), p.member_state.clone()),
+        };
+        let (location, reason) = match outcome {
+            Ok(m) => (m.location.clone(), format!("registered for controller `{}`", m.controller)),
+            Err(e) => (manifest.location.chars().take(1024).collect(), e.public_message()),
+        };
+        let entry = crate::audit::AuditEntry {
+            principal,
+            organisation,
+            member_state,
+            purpose: String::new(),
+            dataset: manifest.name.to_string(),
+            columns: None,
+            filter: None,
+            statement: Some(format!("location {location}")),
+            action: crate::audit::Action::RegisterDataset,
+            allow: outcome.is_ok(),
+            reason,
+            consent_version: 0,
+            policy_version: self.snapshot().authorizer.version().to_string(),
+        };
+        self.audit.append(&entry, true).await.map(|_| ())
+    }
+
+    async fn try_register(
+        &self,
+        manifest: &Manifest,
+        stores: &passerelle_connectors::Stores,
+        locations: &Locations,
+        by: Registrar<'_>,
+    ) -> Result<Manifest> {
         // A taken name is said first, before anything is read, and says nothing of whose it is.
         if self.meta.datasets().await?.iter().any(|m| m.name == manifest.name) {
             return Err(Error::AlreadyExists {

@@ -313,3 +313,20 @@ def test_without_declared_locations_only_the_operator_registers(passerelle_bin: 
             assert "pseudo-filesystem" in bad.stderr or "not available" in bad.stderr, bad.stderr
     finally:
         stop_process(proc)
+
+
+def test_registrations_allowed_and_refused_are_audited_with_the_location(site: Site):
+    auditor = site.gw.keys["auditor-eu"]
+    attack = f"{site.evil}/../aphp/hiv/hiv.parquet"
+    refused_alike(site.register(site.steward_evil, manifest("evil_audited", attack, "evilcorp",
+                                                           basis="public-interest")))
+    rows = http("GET", site.gw.url("/api/v1/audit?dataset=evil_audited"), key=auditor).body
+    assert [(r["action"], r["decision"], r["principal"]) for r in rows] == \
+        [("register_dataset", "deny", "steward-evil")], rows
+    assert rows[0]["statement"] == f"location {attack}", rows[0]
+    ok = http("GET", site.gw.url("/api/v1/audit?dataset=aphp_hiv"), key=auditor).body
+    registered = [r for r in ok if r["action"] == "register_dataset" and r["decision"] == "allow"]
+    assert len(registered) == 1 and registered[0]["principal"] == "steward-fr", ok
+    assert registered[0]["statement"] == f"location file://{site.aphp}/hiv/", registered[0]
+    verify = http("GET", site.gw.url("/api/v1/audit/verify"), key=auditor)
+    assert verify.status == 200 and verify.body.get("ok") is True, verify.text
