@@ -46,8 +46,9 @@ impl fmt::Display for ConfinedFileSystem {
 fn refused(location: &Path) -> object_store::Error {
     object_store::Error::PermissionDenied {
         path: location.to_string(),
-        source: "the file is reached through a symbolic link (or is not a regular data file); Passerelle reads no links"
-            .into(),
+        source:
+            "the file is reached through a symbolic link (or is not a regular data file); Passerelle reads no links"
+                .into(),
     }
 }
 
@@ -142,7 +143,16 @@ mod tests {
         let mine = Path::from_filesystem_path(root.join("mine")).unwrap();
         let listed: Vec<ObjectMeta> = fs.list(Some(&mine)).try_collect().await.unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!(fs.get(&listed[0].location).await.unwrap().bytes().await.unwrap().as_ref(), b"a\n1\n");
+        assert_eq!(
+            fs.get(&listed[0].location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .as_ref(),
+            b"a\n1\n"
+        );
 
         std::os::unix::fs::symlink(root.join("theirs/secret.csv"), root.join("mine/link.csv")).unwrap();
         let err = fs.list(Some(&mine)).try_collect::<Vec<_>>().await.unwrap_err();

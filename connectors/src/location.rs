@@ -104,9 +104,9 @@ impl CanonicalLocation {
         let (scheme, rest) = if location.starts_with('/') {
             (Scheme::File, location)
         } else {
-            let (scheme, rest) = location
-                .split_once("://")
-                .ok_or_else(|| invalid("use an absolute path or a URL such as file:///abs/path or s3://bucket/prefix/"))?;
+            let (scheme, rest) = location.split_once("://").ok_or_else(|| {
+                invalid("use an absolute path or a URL such as file:///abs/path or s3://bucket/prefix/")
+            })?;
             let parsed = Scheme::parse(&scheme.to_ascii_lowercase()).ok_or_else(|| {
                 invalid(&format!(
                     "scheme `{scheme}` is not supported; use file://, s3://, gs://, az:// (or abfs://) or https://"
@@ -380,7 +380,12 @@ impl Locations {
             if loc.glob.is_some() {
                 return Err(bad(name, "`url` is a directory or prefix, without a glob".into()));
             }
-            if opts.controllers.is_empty() || opts.controllers.iter().any(|c| c.trim().is_empty() || c.contains(['*', '/', ','])) {
+            if opts.controllers.is_empty()
+                || opts
+                    .controllers
+                    .iter()
+                    .any(|c| c.trim().is_empty() || c.contains(['*', '/', ',']))
+            {
                 return Err(bad(
                     name,
                     "`controllers` lists the organisations whose data lives there, e.g. [\"aphp\"]".into(),
@@ -456,7 +461,9 @@ mod tests {
     use super::*;
 
     fn canon(s: &str) -> String {
-        CanonicalLocation::lexical(s).map(|l| l.to_string()).unwrap_or_else(|e| format!("ERR {e}"))
+        CanonicalLocation::lexical(s)
+            .map(|l| l.to_string())
+            .unwrap_or_else(|e| format!("ERR {e}"))
     }
 
     #[test]
@@ -511,7 +518,9 @@ mod tests {
             let l = CanonicalLocation::canonicalise(&spelling).unwrap();
             assert_eq!(l.to_string(), target, "{spelling}");
         }
-        let e = CanonicalLocation::canonicalise("/proc/self/environ").unwrap_err().to_string();
+        let e = CanonicalLocation::canonicalise("/proc/self/environ")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pseudo-filesystem"), "{e}");
         assert!(CanonicalLocation::canonicalise("file:///sys/kernel/").is_err());
         assert!(is_plain_file_path(&root.join("aphp/hiv.parquet")));
@@ -559,15 +568,30 @@ mod tests {
         let l = |s: &str| CanonicalLocation::lexical(s).unwrap();
         assert_eq!(locs.admit("aphp", &l("/srv/aphp/x/"), None, false), Ok("a"));
         assert_eq!(locs.admit("evil", &l("/srv/aphp/x/"), None, false), Err(NotInALocation));
-        assert_eq!(locs.admit("aphp", &l("s3://lake/aphp/p/"), Some("lake"), false), Ok("l"));
-        assert_eq!(locs.admit("aphp", &l("s3://lake/aphp/p/"), Some("other"), false), Err(NotInALocation));
-        assert_eq!(locs.admit("aphp", &l("s3://lake/other/"), Some("lake"), false), Err(NotInALocation));
+        assert_eq!(
+            locs.admit("aphp", &l("s3://lake/aphp/p/"), Some("lake"), false),
+            Ok("l")
+        );
+        assert_eq!(
+            locs.admit("aphp", &l("s3://lake/aphp/p/"), Some("other"), false),
+            Err(NotInALocation)
+        );
+        assert_eq!(
+            locs.admit("aphp", &l("s3://lake/other/"), Some("lake"), false),
+            Err(NotInALocation)
+        );
         for bad in [
-            vec![("x", opts("file:///srv/", &["a"], None)), ("y", opts("/srv/b/", &["b"], None))],
+            vec![
+                ("x", opts("file:///srv/", &["a"], None)),
+                ("y", opts("/srv/b/", &["b"], None)),
+            ],
             vec![("x", opts("s3://b/p/", &["a"], None))],
             vec![("x", opts("/srv/", &["a"], Some("lake")))],
             vec![("x", opts("/srv/", &[], None))],
-            vec![("x", opts("s3://b/p/", &["a"], Some("s1"))), ("y", opts("s3://b/q/", &["b"], Some("s2")))],
+            vec![
+                ("x", opts("s3://b/p/", &["a"], Some("s1"))),
+                ("y", opts("s3://b/q/", &["b"], Some("s2"))),
+            ],
             vec![("x", opts("/srv/*.csv", &["a"], None))],
         ] {
             let sections = bad.into_iter().map(|(n, o)| (n.to_string(), o)).collect();

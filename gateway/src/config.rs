@@ -201,7 +201,10 @@ impl GatewayConfig {
             let scheme = passerelle_connectors::CanonicalLocation::lexical(&loc.url)?.scheme();
             if !opts.reads(scheme) {
                 return Err(Error::invalid(
-                    format!("[locations.{name}]: store `{store}` cannot read `{}://` locations", scheme.as_str()),
+                    format!(
+                        "[locations.{name}]: store `{store}` cannot read `{}://` locations",
+                        scheme.as_str()
+                    ),
                     "name a store of the location's kind (s3, azure, gcs, http)",
                 ));
             }

@@ -32,7 +32,10 @@ pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
         let Some(pos) = pos else { return 0 };
         let start = usize::try_from(pos.byte()).unwrap_or(usize::MAX).min(body.len());
         let skipped = body[start..].bytes().take_while(|b| matches!(b, b'\r' | b'\n')).count();
-        1 + body.as_bytes()[..start + skipped].iter().filter(|b| **b == b'\n').count()
+        1 + body.as_bytes()[..start + skipped]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
     };
     let line_of = |r: &csv::StringRecord| line_at(r.position());
     let unreadable = |e: csv::Error| {
@@ -162,15 +165,21 @@ mod tests {
     #[test]
     fn csv_errors_name_the_line_whatever_the_line_endings() {
         for eol in ["\n", "\r\n"] {
-            let text = ["subject_id,purpose,status,timestamp", "good,research,granted,2024-01-01T00:00:00Z", "",
-                ",research,granted,2024-01-01T00:00:00Z", ""]
+            let text = [
+                "subject_id,purpose,status,timestamp",
+                "good,research,granted,2024-01-01T00:00:00Z",
+                "",
+                ",research,granted,2024-01-01T00:00:00Z",
+                "",
+            ]
             .join(eol);
             let err = parse_csv(&text).unwrap_err().to_string();
             assert!(err.contains("line 4"), "{eol:?}: {err}");
         }
         // Subject ids are taken byte for byte; the other fields may be padded.
-        let e = parse_csv("subject_id , purpose,status,timestamp\n  carol  , research ,granted, 2024-01-01T00:00:00Z\n")
-            .unwrap();
+        let e =
+            parse_csv("subject_id , purpose,status,timestamp\n  carol  , research ,granted, 2024-01-01T00:00:00Z\n")
+                .unwrap();
         assert_eq!(e[0].subject_id, "  carol  ");
     }
 

@@ -8,10 +8,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{Datelike as _, Utc};
+use passerelle_connectors::{CanonicalLocation, Locations, Scheme};
 use passerelle_policies::authz::{DEFAULT_MODEL, DEFAULT_POLICY_FILE, PolicyFile};
 use passerelle_policies::consent::{ConsentEvent, ConsentIndex, ConsentStore};
 use passerelle_policies::enforce::Pseudonymiser;
-use passerelle_connectors::{CanonicalLocation, Locations, Scheme};
 use passerelle_policies::{Authorizer, Permit, Principal, Role};
 use tokio::sync::watch;
 
@@ -998,7 +998,10 @@ impl Node {
             Registrar::Principal(p) => (p.name.clone(), p.org.clone(), p.member_state.clone()),
         };
         let (location, reason) = match outcome {
-            Ok(m) => (m.location.clone(), format!("registered for controller `{}`", m.controller)),
+            Ok(m) => (
+                m.location.clone(),
+                format!("registered for controller `{}`", m.controller),
+            ),
             Err(e) => (manifest.location.chars().take(1024).collect(), e.public_message()),
         };
         let entry = crate::audit::AuditEntry {
@@ -1168,14 +1171,18 @@ impl Node {
                 continue;
             }
             // Stored locations are canonical since this release; older ones are read as stored.
-            let Ok(theirs) = CanonicalLocation::lexical(other.location.trim()).map(|l| l.clone().resolve().unwrap_or(l)) else {
+            let Ok(theirs) =
+                CanonicalLocation::lexical(other.location.trim()).map(|l| l.clone().resolve().unwrap_or(l))
+            else {
                 continue;
             };
             if canonical.overlaps(&theirs) && other.controller != manifest.controller {
                 return Err(refused());
             }
             // A bucket is read with one set of credentials: one store per bucket.
-            if canonical.scheme() != Scheme::File && canonical.bucket() == theirs.bucket() && other.store != manifest.store
+            if canonical.scheme() != Scheme::File
+                && canonical.bucket() == theirs.bucket()
+                && other.store != manifest.store
             {
                 return Err(Error::invalid(
                     format!("`{}` is already read through another store", canonical.bucket()),

@@ -31,9 +31,10 @@ fn locations_with_demo(cfg: &GatewayConfig, data_dir: &std::path::Path) -> Resul
     let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let url = format!("file://{}/demo/", dir.display());
     let demo = passerelle_connectors::CanonicalLocation::lexical(&url)?;
-    let held = declared.sections().values().any(|l| {
-        passerelle_connectors::CanonicalLocation::lexical(&l.url).is_ok_and(|l| l.overlaps(&demo))
-    });
+    let held = declared
+        .sections()
+        .values()
+        .any(|l| passerelle_connectors::CanonicalLocation::lexical(&l.url).is_ok_and(|l| l.overlaps(&demo)));
     if held {
         return Ok(declared);
     }

@@ -805,7 +805,13 @@ mod tests {
         assert!(ints.contains_str("-5"));
         // String columns keep every spelling apart, byte for byte.
         let strs = idx.subject_set("r", &p, LegalBasis::Consent, KeyKind::Str).set;
-        for (id, member) in [("000042", true), (" 42", true), ("+42", true), ("42", false), ("42  ", false)] {
+        for (id, member) in [
+            ("000042", true),
+            (" 42", true),
+            ("+42", true),
+            ("42", false),
+            ("42  ", false),
+        ] {
             assert_eq!(strs.contains_str(id), member, "{id:?}");
         }
         // Under public interest the set holds objectors: a withdrawal spelled `042` is not
