@@ -356,7 +356,9 @@ impl FlightHandler {
         let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
         let purpose = caller.purpose.to_string();
         let asks = self.node.peers.iter().map(|peer| {
-            let assertion = self.node.assert_for(peer, &caller.principal, &purpose, Some(&cmd.dataset));
+            let assertion = self
+                .node
+                .assert_for(peer, &caller.principal, &purpose, Some(&cmd.dataset));
             let peer_cmd = serde_json::to_value(DataCommand {
                 limit: described.share(cmd.limit, &peer.node_id),
                 ..part_cmd.clone()

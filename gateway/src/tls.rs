@@ -360,9 +360,10 @@ fn build_ssl(opts: &TlsOptions, protocol: Protocol) -> Result<SslAcceptor> {
                 .map_err(|e| Error::Internal(format!("openssl: {e}")))?;
             for path in &opts.crl {
                 // The binding panics on paths that are not UTF-8 or hold NUL: refuse them first.
-                let name = path.to_str().filter(|p| !p.contains('\0')).ok_or_else(|| {
-                    tls_error("cannot load the CRL", path, "the path is not valid UTF-8")
-                })?;
+                let name = path
+                    .to_str()
+                    .filter(|p| !p.contains('\0'))
+                    .ok_or_else(|| tls_error("cannot load the CRL", path, "the path is not valid UTF-8"))?;
                 lookup
                     .load_crl_file(name, SslFiletype::PEM)
                     .map_err(|e| tls_error("cannot load the CRL", path, e))?;
@@ -680,7 +681,13 @@ mod tests {
         let hex = "5f".repeat(32);
         let colon = colon_hex(&hex);
         assert_eq!(colon.len(), 95);
-        for text in [hex.clone(), colon.clone(), colon.to_lowercase(), format!("sha256:{hex}"), format!(" {colon} ")] {
+        for text in [
+            hex.clone(),
+            colon.clone(),
+            colon.to_lowercase(),
+            format!("sha256:{hex}"),
+            format!(" {colon} "),
+        ] {
             assert_eq!(normalise_fingerprint(&text).as_deref(), Some(hex.as_str()), "{text}");
         }
         for bad in ["", "5f", &"5g".repeat(32), &"5f".repeat(33)] {
@@ -702,7 +709,12 @@ mod tests {
         };
         assert!(anchor_map(&opts(BTreeMap::new(), Vec::new())).unwrap().is_empty());
         let one = BTreeMap::from([("FR".to_string(), Fingerprints::One("5f".repeat(32)))]);
-        assert!(anchor_map(&opts(one, Vec::new())).unwrap_err().to_string().contains("client_ca"));
+        assert!(
+            anchor_map(&opts(one, Vec::new()))
+                .unwrap_err()
+                .to_string()
+                .contains("client_ca")
+        );
         assert!(anchor_map(&opts(BTreeMap::new(), vec!["x.pem".into()])).is_err());
     }
 }
