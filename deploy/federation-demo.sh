@@ -190,7 +190,7 @@ fi
 
 if [ "$MTLS" = 1 ]; then
   command -v openssl >/dev/null 2>&1 || die "--mtls needs the openssl command"
-  [ -f "$CERTS/ca-bundle.pem" ] || bash "$REPO/deploy/certs/gen.sh" "$CERTS" >/dev/null
+  [ -f "$CERTS/ca-bundle.pem" ] && [ -f "$CERTS/anchors.toml" ] || bash "$REPO/deploy/certs/gen.sh" "$CERTS" >/dev/null
   CA="$CERTS/ca-bundle.pem"
 else
   CA=""
@@ -221,6 +221,7 @@ for n in "${NODES[@]}"; do
       echo "client_ca = \"$CA\""
       echo "require_client_cert = false"
       echo "allow_bearer = true"
+      cat "$CERTS/anchors.toml"
       echo
     fi
     echo "[federation]"

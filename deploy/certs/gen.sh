@@ -7,8 +7,9 @@
 #   ca-FR.crt ca-DE.crt ca-IT.crt   one root CA per member state (EC P-256, 3650 days, CA:true, keyCertSign+cRLSign)
 #   ca-EU.crt                       and one for EU-level bodies (the auditor)
 #   ca-bundle.pem                   the four roots: the trust anchors for `[tls] client_ca` and for clients.
-#                                   A gateway accepts a client certificate only from the CA of the principal's
-#                                   own member state (the issuer's C must equal the principal's member state).
+#   anchors.toml                    `[tls.anchors]`: each root's member state by SHA-256 fingerprint, to append
+#                                   after a `[tls]` section. A gateway accepts a client certificate only if its
+#                                   chain ends at the anchor bound to the principal's own member state.
 #   gw-fr gw-de gw-it .crt/.key     gateway certificates (FR, DE, IT CA): CN=gw-xx, O=passerelle, C=XX,
 #                                   SAN localhost, gw-xx, 127.0.0.1; serverAuth and clientAuth (gateways also call
 #                                   each other); 825 days
@@ -104,6 +105,13 @@ for cc in "${AUTHORITIES[@]}"; do
   ca "$cc"
 done
 cat "$WORK/ca-FR.crt" "$WORK/ca-DE.crt" "$WORK/ca-IT.crt" "$WORK/ca-EU.crt" >"$WORK/ca-bundle.pem"
+{
+  echo "[tls.anchors]  # the member state each trust anchor of ca-bundle.pem vouches for (gen.sh)"
+  for cc in "${AUTHORITIES[@]}"; do
+    fp="$(openssl x509 -in "$WORK/ca-$cc.crt" -noout -fingerprint -sha256)"
+    echo "$cc = \"${fp#*=}\""
+  done
+} >"$WORK/anchors.toml"
 
 for cc in "${STATES[@]}"; do
   gw="gw-$(echo "$cc" | tr 'A-Z' 'a-z')"
@@ -121,6 +129,8 @@ for n in "${NAMES[@]}"; do
   mv -f "$WORK/$n.crt" "$OUT/$n.crt"
 done
 mv -f "$WORK/ca-bundle.pem" "$OUT/ca-bundle.pem"
+chmod 644 "$WORK/anchors.toml"
+mv -f "$WORK/anchors.toml" "$OUT/anchors.toml"
 
 elapsed_ms=$((($(date +%s%N) - start) / 1000000))
 echo "gen.sh: demo PKI in $OUT (${elapsed_ms} ms)"
@@ -132,3 +142,4 @@ for n in "${NAMES[@]}"; do
             printf "  %-15s %-45s issuer: %s, until %s\n", f, v[1], v[2], v[3] }'
 done
 echo "  ca-bundle.pem   ca-FR.crt + ca-DE.crt + ca-IT.crt + ca-EU.crt (the trust anchors); *.key: PKCS#8, mode 600"
+echo "  anchors.toml    [tls.anchors] binding each anchor to its member state (append after [tls])"

@@ -29,7 +29,7 @@ for n in "${NODES[@]}"; do
 done
 
 CERTS="$FED/certs"
-if [ ! -f "$CERTS/ca-bundle.pem" ]; then
+if [ ! -f "$CERTS/ca-bundle.pem" ] || [ ! -f "$CERTS/anchors.toml" ]; then
   bash "$DEPLOY/certs/gen.sh" "$CERTS" >/dev/null
   echo "setup: demo PKI written to $CERTS"
 fi
@@ -54,6 +54,7 @@ for n in "${NODES[@]}"; do
     echo "client_ca = \"$CERTS/ca-bundle.pem\""
     echo "require_client_cert = false"
     echo "allow_bearer = true"
+    cat "$CERTS/anchors.toml"
     echo
     echo "[federation]"
     echo "advertise_flight_url = \"${ADV[$n]}\""

@@ -173,6 +173,7 @@ impl GatewayConfig {
             ));
         }
         crate::federation::Peers::new(&self.peers)?;
+        self.federation.validate()?;
         for (name, store) in &self.stores {
             store.validate(name)?;
         }

@@ -123,7 +123,7 @@ async fn gather(
     let body = serde_json::to_value(&cmd).map_err(|e| Error::Internal(e.to_string()))?;
     let tls = node.client_tls.as_ref();
     let asks = node.peers.iter().map(|peer| {
-        let assertion = node.assert_for(peer, principal, purpose.as_str());
+        let assertion = node.assert_for(peer, principal, purpose.as_str(), Some(&name));
         let body = &body;
         async move {
             let answer = match (&assertion, ask) {

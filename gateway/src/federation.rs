@@ -29,10 +29,19 @@ use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 
 use crate::error::{Error, Result};
-use crate::signing::NodeKey;
+use crate::signing::{Context, NodeKey};
 
 /// Header carrying an assertion, from the home node to a peer and from the client to a peer.
 pub const ASSERTION_HEADER: &str = "x-passerelle-assertion";
+
+/// Longest lifetime of an assertion, in seconds: the most `[federation] assertion_ttl_secs` may
+/// say, and the most a peer accepts (`exp - iat`) whatever the issuing node's configuration.
+pub const MAX_ASSERTION_TTL_SECS: u64 = 300;
+/// How far in the future an assertion's `iat` may lie on a peer's clock (clocks differ).
+pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
+/// Assertion format version: v2 names the role and the dataset, and is signed under
+/// [`crate::signing::Context::Assertion`].
+pub const ASSERTION_VERSION: u8 = 2;
 
 /// `[federation]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,19 +51,46 @@ pub struct FederationOptions {
     /// bound address, `grpc+tls://` with `[tls]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_flight_url: Option<String>,
-    /// Lifetime of assertions this node signs, in seconds.
+    /// Lifetime of assertions this node signs, in seconds (at most [`MAX_ASSERTION_TTL_SECS`]).
     pub assertion_ttl_secs: u64,
     /// Time allowed to each peer to answer a federated request, in seconds.
     pub peer_timeout_secs: u64,
+    /// Roles whose principals this node vouches for to its peers. A principal of another role
+    /// gets no assertion (its federated requests are refused here), so a steward's or auditor's
+    /// standing never travels to a node that did not grant it. Each peer still decides with the
+    /// asserted role through its own policy.
+    pub roles: Vec<passerelle_policies::Role>,
 }
 
 impl Default for FederationOptions {
     fn default() -> Self {
         Self {
             advertise_flight_url: None,
-            assertion_ttl_secs: 300,
+            assertion_ttl_secs: MAX_ASSERTION_TTL_SECS,
             peer_timeout_secs: 10,
+            roles: vec![passerelle_policies::Role::Trainer],
         }
+    }
+}
+
+impl FederationOptions {
+    /// Checks the section.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_ASSERTION_TTL_SECS).contains(&self.assertion_ttl_secs) {
+            return Err(Error::invalid(
+                format!(
+                    "federation.assertion_ttl_secs = {} is outside 1..={MAX_ASSERTION_TTL_SECS}",
+                    self.assertion_ttl_secs
+                ),
+                "assertions are short-lived by design; peers refuse longer ones (the default is 300)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether this node vouches to its peers for principals of `role`.
+    pub fn asserts_for(&self, role: passerelle_policies::Role) -> bool {
+        self.roles.contains(&role)
     }
 }
 
@@ -109,7 +145,7 @@ impl PeerOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Assertion {
-    /// Format version.
+    /// Format version ([`ASSERTION_VERSION`]).
     pub v: u8,
     /// The home node.
     pub iss: String,
@@ -121,11 +157,15 @@ pub struct Assertion {
     pub org: String,
     /// Its member state (the home node's).
     pub member_state: String,
+    /// Its role on its home node: the peer decides with this role through its own policy.
+    pub role: passerelle_policies::Role,
     /// The purpose it declared.
     pub purpose: String,
+    /// The federated dataset it was issued for; `None` for the `federations` listing only.
+    pub dataset: Option<String>,
     /// Issued at, seconds since the epoch.
     pub iat: i64,
-    /// Expiry.
+    /// Expiry (at most [`MAX_ASSERTION_TTL_SECS`] after `iat`).
     pub exp: i64,
     /// Unique id, recorded in the peers' audit.
     pub jti: String,
@@ -134,10 +174,11 @@ pub struct Assertion {
 const ASSERTION_HINT: &str = "ask your home node for a new FlightInfo; it signs a fresh assertion per node";
 
 impl Assertion {
-    /// `base64url(JSON).base64url(signature)`.
+    /// `base64url(JSON).base64url(signature)`, the signature over
+    /// `passerelle-assertion-v2\n` followed by the JSON.
     pub fn sign(&self, key: &NodeKey) -> Result<String> {
         let body = serde_json::to_vec(self).map_err(|e| Error::Internal(format!("serialise assertion: {e}")))?;
-        let sig = key.sign(&body)?;
+        let sig = key.sign_for(Context::Assertion, &body)?;
         Ok(format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(&body),
@@ -146,7 +187,7 @@ impl Assertion {
     }
 
     /// Verifies an assertion addressed to `me`, signed by a configured peer whose member state
-    /// it names.
+    /// it names, within its (capped) lifetime at `now`.
     pub fn verify(text: &str, me: &str, peers: &Peers, now: i64) -> Result<Self> {
         let bad = |why: &str| Error::Unauthenticated {
             reason: format!("federation assertion refused: {why}").into(),
@@ -157,29 +198,70 @@ impl Assertion {
         let (body, sig) = text.split_once('.').ok_or_else(|| bad("malformed"))?;
         let body = URL_SAFE_NO_PAD.decode(body).map_err(|_| bad("malformed"))?;
         let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| bad("malformed"))?;
-        // Read the issuer first, then check the signature with that issuer's key only.
-        let claims: Assertion = serde_json::from_slice(&body).map_err(|_| bad("malformed"))?;
+        // Read the version and issuer first, then check the signature with that issuer's key
+        // only, then read the claims.
+        #[derive(Deserialize)]
+        struct Head {
+            v: u8,
+            iss: String,
+        }
+        let head: Head = serde_json::from_slice(&body).map_err(|_| bad("malformed"))?;
         let peer = peers
-            .get(&claims.iss)
+            .get(&head.iss)
             .ok_or_else(|| bad("issued by a node that is not a peer of this one"))?;
-        if !crate::signing::verify(&peer.key, &body, &sig) {
+        if head.v != ASSERTION_VERSION {
+            return Err(bad(&format!(
+                "format v{} from node `{}` is not accepted (this node reads v{ASSERTION_VERSION}, which names the role and dataset); upgrade that node",
+                head.v, head.iss
+            )));
+        }
+        if !crate::signing::verify_for(&peer.key, Context::Assertion, &body, &sig) {
             return Err(bad("the signature is not the issuing node's"));
         }
-        if claims.v != 1 {
-            return Err(bad("unknown version"));
-        }
+        let claims: Assertion = serde_json::from_slice(&body).map_err(|_| bad("malformed"))?;
         if claims.aud != me {
             return Err(bad("addressed to another node"));
+        }
+        if claims.member_state != peer.member_state {
+            return Err(bad("the issuing node vouches for another member state than its own"));
+        }
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if lifetime <= 0 || lifetime > MAX_ASSERTION_TTL_SECS as i64 {
+            return Err(bad(&format!(
+                "its lifetime ({lifetime} s from iat to exp) is not within 1..={MAX_ASSERTION_TTL_SECS} s"
+            )));
+        }
+        if claims.iat > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return Err(bad(&format!(
+                "issued {} s in the future; the nodes' clocks differ by more than {MAX_CLOCK_SKEW_SECS} s (synchronise them with NTP)",
+                claims.iat - now
+            )));
         }
         if claims.exp <= now {
             return Err(Error::Unauthenticated {
                 reason: format!("federation assertion refused: expired; {ASSERTION_HINT}").into(),
             });
         }
-        if claims.member_state != peer.member_state {
-            return Err(bad("the issuing node vouches for another member state than its own"));
-        }
         Ok(claims)
+    }
+
+    /// Whether this assertion may be used on `dataset`'s part, given the federation that part
+    /// belongs to (`None`: not a federated part).
+    pub fn check_dataset(&self, federation: Option<&str>) -> Result<()> {
+        if self.dataset.is_some() && self.dataset.as_deref() == federation {
+            return Ok(());
+        }
+        Err(Error::Unauthenticated {
+            reason: match &self.dataset {
+                Some(d) => format!(
+                    "federation assertion refused: it was issued for federated dataset `{d}`, not for this request; {ASSERTION_HINT}"
+                ),
+                None => format!(
+                    "federation assertion refused: it was issued for listing federated datasets, not for reading one; {ASSERTION_HINT}"
+                ),
+            }
+            .into(),
+        })
     }
 }
 
@@ -610,13 +692,15 @@ mod tests {
         ]))
         .unwrap();
         let a = Assertion {
-            v: 1,
+            v: ASSERTION_VERSION,
             iss: "gw-de".into(),
             aud: "gw-fr".into(),
             sub: "trainer-de".into(),
             org: "dkfz".into(),
             member_state: "DE".into(),
+            role: passerelle_policies::Role::Trainer,
             purpose: "research/ai-training".into(),
+            dataset: Some("eu".into()),
             iat: 100,
             exp: 200,
             jti: "j".into(),
@@ -639,8 +723,52 @@ mod tests {
             ..a.clone()
         };
         assert!(refused(&stranger.sign(&de).unwrap(), "gw-fr", 150).contains("not a peer"));
-        let mut bytes = text.into_bytes();
+        let mut bytes = text.clone().into_bytes();
         bytes[10] ^= 1;
         assert!(Assertion::verify(&String::from_utf8_lossy(&bytes), "gw-fr", &peers_of_fr, 150).is_err());
+        // Lifetime capped whatever the issuer says; iat in the future beyond the skew.
+        let long = Assertion {
+            exp: 100 + MAX_ASSERTION_TTL_SECS as i64 + 1,
+            ..a.clone()
+        };
+        assert!(refused(&long.sign(&de).unwrap(), "gw-fr", 150).contains("lifetime"));
+        let backwards = Assertion { exp: 99, ..a.clone() };
+        assert!(refused(&backwards.sign(&de).unwrap(), "gw-fr", 50).contains("lifetime"));
+        let future = Assertion {
+            iat: 150 + MAX_CLOCK_SKEW_SECS + 1,
+            exp: 150 + MAX_CLOCK_SKEW_SECS + 100,
+            ..a.clone()
+        };
+        assert!(refused(&future.sign(&de).unwrap(), "gw-fr", 150).contains("future"));
+        let skewed = Assertion {
+            iat: 150 + MAX_CLOCK_SKEW_SECS,
+            exp: 150 + MAX_CLOCK_SKEW_SECS + 100,
+            ..a.clone()
+        };
+        assert!(Assertion::verify(&skewed.sign(&de).unwrap(), "gw-fr", &peers_of_fr, 150).is_ok());
+        // Signed without the assertion context (as a ticket would be): refused.
+        let (body, _) = text.split_once('.').unwrap();
+        let raw = URL_SAFE_NO_PAD.decode(body).unwrap();
+        for sig in [de.sign(&raw).unwrap(), de.sign_for(Context::Ticket, &raw).unwrap()] {
+            let t = format!("{body}.{}", URL_SAFE_NO_PAD.encode(sig));
+            assert!(refused(&t, "gw-fr", 150).contains("signature"));
+        }
+        // A v1 assertion (no role, no dataset) is refused by version, naming the issuer.
+        let v1 = serde_json::json!({"v": 1, "iss": "gw-de", "aud": "gw-fr", "sub": "t", "org": "o",
+            "member_state": "DE", "purpose": "p", "iat": 100, "exp": 200, "jti": "j"});
+        let v1 = serde_json::to_vec(&v1).unwrap();
+        let t = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&v1),
+            URL_SAFE_NO_PAD.encode(de.sign(&v1).unwrap())
+        );
+        assert!(refused(&t, "gw-fr", 150).contains("format v1"));
+        // Bound to its dataset.
+        assert!(a.check_dataset(Some("eu")).is_ok());
+        assert!(a.check_dataset(Some("other")).is_err());
+        assert!(a.check_dataset(None).is_err());
+        let listing = Assertion { dataset: None, ..a };
+        assert!(listing.check_dataset(None).is_err());
+        assert!(listing.check_dataset(Some("eu")).is_err());
     }
 }

@@ -264,6 +264,14 @@ impl FlightHandler {
                 return Err(e);
             }
         };
+        // A role this node does not vouch for to its peers gets no assertion: say so here, once,
+        // rather than as every peer's failure.
+        if !self.node.peers.is_empty()
+            && let Err(e) = self.node.may_reach_peers(&caller.principal)
+        {
+            self.audit(md, Some(&caller), action, Some(&cmd), Err(&e), true).await?;
+            return Err(e);
+        }
         let rank = cmd.shard.map(|s| s.rank as usize);
         // Every node is asked for the same columns in the same order, answering those it does not
         // send as typed nulls: each endpoint then streams the FlightInfo's schema, and readers
@@ -348,7 +356,9 @@ impl FlightHandler {
         let timeout = std::time::Duration::from_secs(self.node.federation.peer_timeout_secs.max(1));
         let purpose = caller.purpose.to_string();
         let asks = self.node.peers.iter().map(|peer| {
-            let assertion = self.node.assert_for(peer, &caller.principal, &purpose);
+            let assertion = self
+                .node
+                .assert_for(peer, &caller.principal, &purpose, Some(&cmd.dataset));
             let peer_cmd = serde_json::to_value(DataCommand {
                 limit: described.share(cmd.limit, &peer.node_id),
                 ..part_cmd.clone()
@@ -497,6 +507,9 @@ impl FlightHandler {
                 reason: "ticket was issued to another principal or for another purpose".into(),
             });
         }
+        if let Some(a) = &caller.federated {
+            self.check_bound(a, &claims.dataset)?;
+        }
         if claims.part.is_none() {
             return Err(Error::invalid(
                 "only tickets of parts can be resumed",
@@ -509,6 +522,14 @@ impl FlightHandler {
             exp: now + self.node.ticket_ttl.as_secs() as i64,
             ..claims
         })
+    }
+
+    /// An assertion is good for the federated dataset it names only: `local` (this node's part)
+    /// must belong to that federation.
+    fn check_bound(&self, assertion: &crate::federation::Assertion, local: &str) -> Result<()> {
+        let snap = self.node.snapshot();
+        let federation = snap.datasets.get(local).and_then(|m| m.federation.as_deref());
+        assertion.check_dataset(federation)
     }
 
     /// A peer node's principal reading its part with only its own certificate (no assertion):
@@ -527,7 +548,7 @@ impl FlightHandler {
         let matches = cert.common_name == name
             && cert.organisation.as_deref() == Some(claims.org.as_str())
             && cert.country.as_deref() == Some(claims.member_state.as_str())
-            && cert.issuer_country.as_deref() == Some(claims.member_state.as_str())
+            && cert.member_state.as_deref() == Some(claims.member_state.as_str())
             && peer.member_state == claims.member_state;
         if !matches {
             return None;
@@ -539,7 +560,8 @@ impl FlightHandler {
                 name: claims.principal.clone(),
                 org: claims.org.clone(),
                 member_state: claims.member_state.clone(),
-                role: passerelle_policies::Role::Trainer,
+                // The role its home node asserted when this node issued the ticket.
+                role: claims.role?,
             },
             purpose,
             federated: None,
@@ -548,7 +570,7 @@ impl FlightHandler {
 
     /// A peer's principal names federated datasets, and reaches only this node's part of them.
     fn resolve(&self, caller: &Caller, mut cmd: DataCommand) -> Result<DataCommand> {
-        if caller.federated.is_some() {
+        if let Some(a) = &caller.federated {
             cmd.dataset =
                 self.node
                     .snapshot()
@@ -556,6 +578,7 @@ impl FlightHandler {
                     .ok_or_else(|| Error::DatasetNotFound {
                         name: cmd.dataset.clone(),
                     })?;
+            self.check_bound(a, &cmd.dataset)?;
         }
         if cmd.shard.is_some() || cmd.on_partial.is_some() {
             return Err(Error::invalid(
@@ -756,7 +779,7 @@ async fn describe_parts(node: &Arc<Node>, caller: &Caller, dataset: &str, local_
     let purpose = caller.purpose.to_string();
     let body = serde_json::json!({ "dataset": dataset });
     let asks = node.peers.iter().map(|peer| {
-        let assertion = node.assert_for(peer, &caller.principal, &purpose);
+        let assertion = node.assert_for(peer, &caller.principal, &purpose, Some(dataset));
         let (purpose, body, tls) = (&purpose, &body, node.client_tls.as_ref());
         async move {
             let answer = match assertion {
@@ -859,7 +882,7 @@ pub(crate) async fn federated_datasets(node: &Arc<Node>, caller: &Caller) -> Vec
     let timeout = std::time::Duration::from_secs(node.federation.peer_timeout_secs.max(1));
     let purpose = caller.purpose.to_string();
     let asks = node.peers.iter().map(|peer| {
-        let assertion = node.assert_for(peer, &caller.principal, &purpose);
+        let assertion = node.assert_for(peer, &caller.principal, &purpose, None);
         let (purpose, tls) = (&purpose, node.client_tls.as_ref());
         async move {
             match assertion {
@@ -1246,6 +1269,11 @@ impl FlightService for FlightHandler {
                 .await?;
             return Err(e.into());
         }
+        if let Some(Err(e)) = caller.federated.as_ref().map(|a| self.check_bound(a, &claims.dataset)) {
+            self.audit(&md, Some(&caller), audit::Action::DoGet, None, Err(&e), true)
+                .await?;
+            return Err(e.into());
+        }
         let cmd = DataCommand {
             dataset: claims.dataset.clone(),
             columns: claims.columns.clone(),
@@ -1362,6 +1390,17 @@ impl FlightService for FlightHandler {
             crate::federation::FEDERATIONS_ACTION => {
                 let md = request.metadata().clone();
                 let caller = self.caller_audited(&md, audit::Action::ListFlights).await?;
+                if let Some(d) = caller.federated.as_ref().and_then(|a| a.dataset.as_ref()) {
+                    let e = Error::Unauthenticated {
+                        reason: format!(
+                            "federation assertion refused: it was issued for reading federated dataset `{d}`, not for listing federated datasets"
+                        )
+                        .into(),
+                    };
+                    self.audit(&md, Some(&caller), audit::Action::ListFlights, None, Err(&e), true)
+                        .await?;
+                    return Err(e.into());
+                }
                 let parts = local_federations(&self.node, &caller)
                     .await
                     .into_iter()

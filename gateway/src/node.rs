@@ -61,7 +61,8 @@ impl Snapshot {
     pub fn visible_dataset(&self, principal: &Principal, name: &str) -> Result<Arc<Manifest>> {
         let not_found = || Error::DatasetNotFound { name: name.to_string() };
         let m = self.datasets.get(name).ok_or_else(not_found)?;
-        let all_seeing = matches!(principal.role, Role::Admin | Role::Auditor);
+        // Only this node's own admins and auditors see every dataset; a peer's never do.
+        let all_seeing = matches!(principal.role, Role::Admin | Role::Auditor) && !principal.is_peer();
         if all_seeing || self.authorizer.visible(principal, &m.policy(), Utc::now()) {
             Ok(Arc::clone(m))
         } else {
@@ -746,12 +747,13 @@ impl Node {
                         principal.name
                     )));
                 }
-                // Every CA of the bundle is trusted, but only for its own member state: the
-                // French authority cannot vouch for a German principal.
-                if cert.issuer_country.as_deref() != Some(principal.member_state.as_str()) {
+                // Every trust anchor is trusted, but only for the member state the configuration
+                // binds it to ([tls.anchors]): the French authority, or an intermediate under it
+                // whatever its C says, cannot vouch for a German principal.
+                if cert.member_state.as_deref() != Some(principal.member_state.as_str()) {
                     return Err(unauthenticated(format!(
-                        "client certificate was issued by the authority of `{}`, not of principal `{}`'s member state",
-                        cert.issuer_country.as_deref().unwrap_or(""),
+                        "client certificate chains to the trust anchor of `{}`, not of principal `{}`'s member state",
+                        cert.member_state.as_deref().unwrap_or("(none)"),
                         principal.name
                     )));
                 }
@@ -799,23 +801,60 @@ impl Node {
             skip: 0,
             aggregate: None,
             fill_nulls: None,
+            role: principal.is_peer().then_some(principal.role),
         }
     }
 
-    /// An assertion for `peer` that this node vouches for `principal` (declaring `purpose`),
-    /// signed now with the node key and valid for `[federation] assertion_ttl_secs`.
-    pub fn assert_for(&self, peer: &crate::federation::Peer, principal: &Principal, purpose: &str) -> Result<String> {
+    /// Whether this node vouches to its peers for `principal` (`[federation] roles`): refused
+    /// here, with the reason, for a role the configuration does not name.
+    pub fn may_reach_peers(&self, principal: &Principal) -> Result<()> {
+        if self.federation.asserts_for(principal.role) {
+            return Ok(());
+        }
+        let roles: Vec<&str> = self.federation.roles.iter().map(|r| r.as_str()).collect();
+        Err(Error::PermissionDenied {
+            reason: format!(
+                "role `{}` does not reach federation peers: this node vouches to its peers only for {} ([federation] roles)",
+                principal.role.as_str(),
+                if roles.is_empty() {
+                    "no role".to_string()
+                } else {
+                    roles.join(", ")
+                }
+            ),
+        })
+    }
+
+    /// An assertion for `peer` that this node vouches for `principal` (its role, declaring
+    /// `purpose`, for federated `dataset`, or `None` for the listing of federated datasets),
+    /// signed now with the node key and valid for `[federation] assertion_ttl_secs` (at most
+    /// [`crate::federation::MAX_ASSERTION_TTL_SECS`]). Refused for roles this node does not
+    /// vouch for ([`Node::may_reach_peers`]).
+    pub fn assert_for(
+        &self,
+        peer: &crate::federation::Peer,
+        principal: &Principal,
+        purpose: &str,
+        dataset: Option<&str>,
+    ) -> Result<String> {
+        self.may_reach_peers(principal)?;
         let now = Utc::now().timestamp();
+        let ttl = self
+            .federation
+            .assertion_ttl_secs
+            .clamp(1, crate::federation::MAX_ASSERTION_TTL_SECS);
         crate::federation::Assertion {
-            v: 1,
+            v: crate::federation::ASSERTION_VERSION,
             iss: self.node_id().to_string(),
             aud: peer.node_id.clone(),
             sub: principal.name.clone(),
             org: principal.org.clone(),
             member_state: principal.member_state.clone(),
+            role: principal.role,
             purpose: purpose.to_string(),
+            dataset: dataset.map(str::to_string),
             iat: now,
-            exp: now + self.federation.assertion_ttl_secs.max(1) as i64,
+            exp: now + ttl as i64,
             jti: auth::hex(&rand::random::<[u8; 12]>()),
         }
         .sign(&self.node_key)
@@ -842,6 +881,12 @@ impl Node {
             ));
         }
         let a = crate::federation::Assertion::verify(assertion, self.node_id(), &self.peers, Utc::now().timestamp())?;
+        let cert = crate::tls::current_peer_cert();
+        if cert.is_none() && !self.allow_bearer {
+            return Err(unauthenticated(
+                "this node requires a client certificate: present the federation assertion over a connection made with the principal's certificate or its home node's".into(),
+            ));
+        }
         if a.purpose != purpose {
             return Err(unauthenticated(format!(
                 "the federation assertion was issued for purpose `{}`, not `{purpose}`",
@@ -850,12 +895,13 @@ impl Node {
         }
         // Over TLS, the connection comes either from the principal itself (its certificate must
         // then say what the assertion says) or from its home node (a gateway certificate).
-        if let Some(cert) = crate::tls::current_peer_cert() {
+        if let Some(cert) = cert {
+            let anchored_in_state = cert.member_state.as_deref() == Some(a.member_state.as_str());
             let is_principal = cert.common_name == a.sub
                 && cert.organisation.as_deref() == Some(a.org.as_str())
                 && cert.country.as_deref() == Some(a.member_state.as_str())
-                && cert.issuer_country.as_deref() == Some(a.member_state.as_str());
-            let is_home = cert.common_name == a.iss && cert.issuer_country.as_deref() == Some(a.member_state.as_str());
+                && anchored_in_state;
+            let is_home = cert.common_name == a.iss && anchored_in_state;
             if !is_principal && !is_home {
                 return Err(unauthenticated(format!(
                     "the client certificate (CN `{}`) is neither the asserted principal's nor its home node's",
@@ -863,11 +909,13 @@ impl Node {
                 )));
             }
         }
+        // The role its home node asserted: this node's policy decides what that role may do here
+        // (its lines for the role apply; only trainers pull data), never a role assumed here.
         let principal = Principal {
             name: format!("{}@{}", a.sub, a.iss),
             org: a.org.clone(),
             member_state: a.member_state.clone(),
-            role: Role::Trainer,
+            role: a.role,
         };
         self.limits.admit(&principal.name)?;
         Ok((principal, a))

@@ -148,6 +148,53 @@ pub fn verify(public_raw: &[u8], message: &[u8], signature: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
+/// What a signature is for: the signed bytes start with the context, so that a signature made
+/// for one kind of document never verifies as another (a ticket as an assertion, or the other
+/// way round), whatever their bodies happen to look like. No context is a prefix of another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// Flight tickets and Flight SQL statement handles this node issues to itself.
+    Ticket,
+    /// Federation assertions a home node issues to a peer.
+    Assertion,
+}
+
+impl Context {
+    /// The bytes signed before the document.
+    pub fn prefix(self) -> &'static [u8] {
+        match self {
+            Self::Ticket => b"passerelle-ticket-v1\n",
+            Self::Assertion => b"passerelle-assertion-v2\n",
+        }
+    }
+
+    /// `prefix || message`: what is actually signed.
+    pub fn framed(self, message: &[u8]) -> Vec<u8> {
+        let prefix = self.prefix();
+        let mut out = Vec::with_capacity(prefix.len() + message.len());
+        out.extend_from_slice(prefix);
+        out.extend_from_slice(message);
+        out
+    }
+}
+
+impl NodeKey {
+    /// Signs `message` for `context` (see [`Context`]).
+    pub fn sign_for(&self, context: Context, message: &[u8]) -> Result<Vec<u8>> {
+        self.sign(&context.framed(message))
+    }
+
+    /// Whether `signature` is this key's over `message` for `context`.
+    pub fn verify_for(&self, context: Context, message: &[u8], signature: &[u8]) -> bool {
+        verify(&self.public_raw, &context.framed(message), signature)
+    }
+}
+
+/// [`verify`] for `context` (see [`Context`]).
+pub fn verify_for(public_raw: &[u8], context: Context, message: &[u8], signature: &[u8]) -> bool {
+    verify(public_raw, &context.framed(message), signature)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +214,21 @@ mod tests {
         let other = NodeKey::load_or_create(&dir.path().join("other.key")).unwrap();
         assert!(!other.verify(b"hello", &sig));
         assert_eq!(URL_SAFE_NO_PAD.decode(a.jwk().x).unwrap(), a.public_raw());
+        // Domain separation: a signature for one context verifies for no other, nor bare.
+        let t = a.sign_for(Context::Ticket, b"{}").unwrap();
+        assert!(b.verify_for(Context::Ticket, b"{}", &t));
+        assert!(!b.verify_for(Context::Assertion, b"{}", &t));
+        assert!(!b.verify(b"{}", &t));
+        let s = a.sign_for(Context::Assertion, b"{}").unwrap();
+        assert!(verify_for(a.public_raw(), Context::Assertion, b"{}", &s));
+        assert!(!verify_for(a.public_raw(), Context::Ticket, b"{}", &s));
+        assert!(!b.verify_for(Context::Assertion, b"{}", &a.sign(b"{}").unwrap()));
+        for x in [Context::Ticket, Context::Assertion] {
+            for y in [Context::Ticket, Context::Assertion] {
+                assert!(x == y || !x.prefix().starts_with(y.prefix()));
+            }
+            assert!(!x.prefix().starts_with(b"passerelle-audit-checkpoint"));
+        }
         std::fs::write(&path, b"junk").unwrap();
         assert!(
             NodeKey::load_or_create(&path)

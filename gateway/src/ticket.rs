@@ -5,6 +5,10 @@
 //! federation, or an auditor, can check who asked for what, under which consent and policy
 //! version, and which node issued it. DoGet verifies signature, issuer and expiry, then checks
 //! that the caller and purpose match the claims, then re-decides access.
+//!
+//! The signature covers `passerelle-ticket-v1\n` followed by the claims
+//! ([`crate::signing::Context::Ticket`]), so no ticket verifies as a federation assertion and no
+//! assertion as a ticket, even though both are signed with the node key.
 
 use std::sync::Arc;
 
@@ -13,7 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::signing::NodeKey;
+use crate::signing::{Context, NodeKey};
 
 /// Largest ticket accepted, so a hostile ticket cannot make us decode megabytes.
 const MAX_TICKET_BYTES: usize = 256 * 1024;
@@ -75,6 +79,11 @@ pub struct TicketClaims {
     /// Columns added as typed nulls (federated SQL; see `DataCommand::fill_nulls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fill_nulls: Option<std::collections::BTreeMap<String, String>>,
+    /// A peer node's principal: the role its home node asserted when the ticket was issued, so
+    /// that a reader holding only its certificate is decided with that role again (never with
+    /// one assumed here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<passerelle_policies::Role>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -123,7 +132,7 @@ impl TicketSigner {
             ..claims.clone()
         };
         let body = serde_json::to_vec(&claims).map_err(|e| Error::Internal(format!("serialise ticket: {e}")))?;
-        let sig = self.key.sign(&body)?;
+        let sig = self.key.sign_for(Context::Ticket, &body)?;
         Ok(format!("{}.{}", URL_SAFE_NO_PAD.encode(&body), URL_SAFE_NO_PAD.encode(sig)).into_bytes())
     }
 
@@ -137,7 +146,7 @@ impl TicketSigner {
         let (body, sig) = text.split_once('.').ok_or_else(malformed)?;
         let body = URL_SAFE_NO_PAD.decode(body).map_err(|_| malformed())?;
         let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| malformed())?;
-        if !self.key.verify(&body, &sig) {
+        if !self.key.verify_for(Context::Ticket, &body, &sig) {
             return Err(malformed());
         }
         let claims: TicketClaims = serde_json::from_slice(&body).map_err(|_| malformed())?;
@@ -178,6 +187,7 @@ mod tests {
             skip: 0,
             aggregate: None,
             fill_nulls: None,
+            role: None,
         }
     }
 
@@ -206,7 +216,14 @@ mod tests {
         let other = Arc::new(NodeKey::load_or_create(&dir.path().join("b.key")).unwrap());
         assert!(TicketSigner::new(other, "node-a".into()).verify(&t, 0).is_err());
         // The same key under another node id: not ours.
-        assert!(TicketSigner::new(key, "node-b".into()).verify(&t, 0).is_err());
+        assert!(TicketSigner::new(Arc::clone(&key), "node-b".into()).verify(&t, 0).is_err());
+        // The same claims signed without the ticket context (or as an assertion) are not a ticket.
+        let body = t.split(|b| *b == b'.').next().unwrap().to_vec();
+        let raw = URL_SAFE_NO_PAD.decode(&body).unwrap();
+        for sig in [key.sign(&raw).unwrap(), key.sign_for(Context::Assertion, &raw).unwrap()] {
+            let forged = [&body[..], b".", URL_SAFE_NO_PAD.encode(sig).as_bytes()].concat();
+            assert!(s.verify(&forged, 0).is_err());
+        }
         for junk in [&b""[..], b".", b"abc", b"\xff\xfe", &[b'a'; 20000]] {
             let e = s.verify(junk, 0).unwrap_err();
             assert_eq!(e.status(), crate::error::StatusClass::InvalidArgument);

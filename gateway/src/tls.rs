@@ -1,8 +1,13 @@
 //! TLS with OpenSSL for both listeners, and identities from client certificates.
 //!
 //! Member-state authorities issue X.509 certificates; a node trusts the CA bundle of its
-//! configuration (`[tls] client_ca`) and maps a verified client certificate to a registered
-//! principal: subject CN = principal name, O = organisation, C = member state.
+//! configuration (`[tls] client_ca`), each of whose certificates the configuration binds to one
+//! member state by its SHA-256 fingerprint (`[tls.anchors]`), and maps a verified client
+//! certificate to a registered principal: subject CN = principal name, O = organisation,
+//! C = member state, and the member state must be that of the anchor the verified chain ends
+//! at. No `C` of an issuer or intermediate counts: an intermediate labelled `C=DE` under the
+//! French anchor still makes French principals only. CRL files (`crl`) are checked for client
+//! certificates and reloaded like the other files.
 //!
 //! ```text
 //!  TcpListener ─accept─► handshake task (10 s limit) ─► TlsConn{SslStream, PeerInfo} ─► tonic / axum
@@ -11,9 +16,10 @@
 //! ```
 //!
 //! Handshakes run in their own tasks so that one slow client cannot hold up `accept`. The
-//! acceptor is rebuilt when the certificate, key or CA files change; a file that does not load
-//! leaves the previous acceptor in force.
+//! acceptor is rebuilt when the certificate, key, CA or CRL files change; a file that does not
+//! load leaves the previous acceptor in force.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +32,9 @@ use axum::http;
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::ssl::{AlpnError, Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode, SslVersion, select_next_proto};
-use openssl::x509::{X509NameRef, X509Ref};
+use openssl::x509::store::X509Lookup;
+use openssl::x509::verify::X509VerifyFlags;
+use openssl::x509::{X509, X509NameRef, X509Ref};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -47,6 +55,16 @@ pub struct TlsOptions {
     /// requested and callers use bearer keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<PathBuf>,
+    /// The member state of each certificate of `client_ca`, by SHA-256 fingerprint
+    /// (`FR = "AB:CD:…"` or a list of them): a client certificate's member state is that of the
+    /// anchor its verified chain ends at. Required with `client_ca`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub anchors: BTreeMap<String, Fingerprints>,
+    /// Certificate revocation lists (PEM files) for client certificates. With any, every CA
+    /// that issues client certificates needs a current CRL here (OpenSSL refuses a certificate
+    /// whose issuer's CRL is missing or expired).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crl: Vec<PathBuf>,
     /// Refuse the handshake of a client without a valid certificate.
     #[serde(default)]
     pub require_client_cert: bool,
@@ -56,6 +74,149 @@ pub struct TlsOptions {
     /// How often the certificate, key and CA files are checked for changes, in seconds.
     #[serde(default = "default_reload_secs")]
     pub reload_secs: u64,
+}
+
+/// One fingerprint or several (`FR = "AB:…"` or `FR = ["AB:…", "CD:…"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Fingerprints {
+    /// One anchor.
+    One(String),
+    /// Several anchors of the same member state (e.g. during a root rollover).
+    Many(Vec<String>),
+}
+
+impl Fingerprints {
+    fn iter(&self) -> impl Iterator<Item = &String> {
+        match self {
+            Self::One(f) => std::slice::from_ref(f).iter(),
+            Self::Many(v) => v.iter(),
+        }
+    }
+}
+
+/// A SHA-256 fingerprint as lowercase hex without separators, from `AB:CD:…`, `abcd…` or
+/// `sha256:…` (OpenSSL's `-fingerprint -sha256` output works as printed after the `=`).
+fn normalise_fingerprint(text: &str) -> Option<String> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("sha256:")
+        .or_else(|| t.strip_prefix("SHA256:"))
+        .unwrap_or(t);
+    let hex: String = t.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex.
+fn fingerprint(cert: &X509Ref) -> Option<String> {
+    cert.digest(MessageDigest::sha256()).ok().map(|d| crate::auth::hex(&d))
+}
+
+/// `AB:CD:…`, as OpenSSL prints fingerprints.
+fn colon_hex(hex: &str) -> String {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8_lossy(c).to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Trust-anchor fingerprint (lowercase hex) to member state.
+pub type AnchorMap = HashMap<String, String>;
+
+/// Binds every certificate of `client_ca` to its member state from `[tls.anchors]`, refusing a
+/// bundle certificate without one, a binding naming no certificate of the bundle, and a
+/// fingerprint bound to two member states. Without any binding, the error lists the lines to
+/// add (with each anchor's own `C` as a suggestion to check, never used unchecked).
+pub fn anchor_map(opts: &TlsOptions) -> Result<AnchorMap> {
+    let Some(ca) = &opts.client_ca else {
+        if !opts.anchors.is_empty() || !opts.crl.is_empty() {
+            return Err(Error::invalid(
+                "[tls] anchors and crl apply to client certificates, and client_ca is not set",
+                "set client_ca to the bundle of trust anchors, or remove them",
+            ));
+        }
+        return Ok(AnchorMap::new());
+    };
+    let pem = std::fs::read(ca).map_err(|e| tls_error("cannot read the client CA bundle", ca, e))?;
+    let certs = X509::stack_from_pem(&pem).map_err(|e| tls_error("cannot load the client CA bundle", ca, e))?;
+    let describe = |c: &X509Ref| -> (String, String) {
+        let subject = c
+            .subject_name()
+            .entries()
+            .filter_map(|e| {
+                let v = String::from_utf8(e.data().as_slice().to_vec()).ok()?;
+                Some(format!("{}={v}", e.object().nid().short_name().unwrap_or("?")))
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        (subject, fingerprint(c).map(|f| colon_hex(&f)).unwrap_or_default())
+    };
+    if opts.anchors.is_empty() {
+        let lines = certs
+            .iter()
+            .map(|c| {
+                let (subject, fp) = describe(c);
+                let state = entry(c.subject_name(), Nid::COUNTRYNAME).unwrap_or_else(|| "XX".into());
+                format!("{state} = \"{fp}\"   # {subject}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(Error::invalid(
+            format!(
+                "[tls] client_ca `{}` needs [tls.anchors], the member state each trust anchor vouches for, by SHA-256 fingerprint; check each anchor's member state (the C shown is only the certificate's own claim) and add:\n[tls.anchors]\n{lines}\n",
+                ca.display()
+            ),
+            "a client certificate's member state is its trust anchor's; see the README's Security section",
+        ));
+    }
+    let mut bound = AnchorMap::new();
+    for (state, fps) in &opts.anchors {
+        passerelle_policies::MemberState::parse(state).map_err(|e| {
+            Error::invalid(
+                format!("[tls.anchors] `{state}`: {e}"),
+                "key each binding by a member state, e.g. FR = \"AB:CD:…\"",
+            )
+        })?;
+        for fp in fps.iter() {
+            let hex = normalise_fingerprint(fp).ok_or_else(|| {
+                Error::invalid(
+                    format!("[tls.anchors] {state} = `{fp}` is not a SHA-256 fingerprint"),
+                    "print it with `openssl x509 -noout -fingerprint -sha256 -in CA.crt`",
+                )
+            })?;
+            if let Some(other) = bound.insert(hex, state.clone()).filter(|o| o != state) {
+                return Err(Error::invalid(
+                    format!("[tls.anchors] fingerprint `{fp}` is bound to both {other} and {state}"),
+                    "a trust anchor vouches for one member state",
+                ));
+            }
+        }
+    }
+    let in_bundle: Vec<String> = certs.iter().filter_map(|c| fingerprint(c)).collect();
+    for c in &certs {
+        let (subject, fp) = describe(c);
+        if fingerprint(c).is_none_or(|f| !bound.contains_key(&f)) {
+            return Err(Error::invalid(
+                format!(
+                    "[tls] client_ca `{}` holds `{subject}` (SHA-256 {fp}), which no [tls.anchors] entry binds to a member state",
+                    ca.display()
+                ),
+                "bind it (e.g. FR = \"<fingerprint>\") or remove it from the bundle",
+            ));
+        }
+    }
+    if let Some((fp, state)) = bound.iter().find(|(f, _)| !in_bundle.contains(f)) {
+        return Err(Error::invalid(
+            format!(
+                "[tls.anchors] {state} = `{}` names no certificate of client_ca `{}`",
+                colon_hex(fp),
+                ca.display()
+            ),
+            "check the fingerprint, or add that anchor to the bundle",
+        ));
+    }
+    Ok(bound)
 }
 
 fn yes() -> bool {
@@ -77,16 +238,17 @@ pub struct CertIdentity {
     pub common_name: String,
     /// Subject O: the organisation.
     pub organisation: Option<String>,
-    /// Subject C: the member state.
+    /// Subject C: the member state the certificate claims.
     pub country: Option<String>,
-    /// The issuing CA's C: the member-state authority that vouches for the holder.
-    pub issuer_country: Option<String>,
+    /// The member state of the trust anchor the verified chain ends at ([tls.anchors]): the
+    /// only authority that vouches for the holder. `None` when the anchor is bound to none.
+    pub member_state: Option<String>,
     /// SHA-256 of the DER certificate, hex (for logs and the audit).
     pub fingerprint: String,
 }
 
 impl CertIdentity {
-    fn from_cert(cert: &X509Ref) -> Option<Self> {
+    fn from_cert(cert: &X509Ref, member_state: Option<String>) -> Option<Self> {
         let name = cert.subject_name();
         let fingerprint = cert
             .digest(MessageDigest::sha256())
@@ -96,7 +258,7 @@ impl CertIdentity {
             common_name: entry(name, Nid::COMMONNAME)?,
             organisation: entry(name, Nid::ORGANIZATIONNAME),
             country: entry(name, Nid::COUNTRYNAME),
-            issuer_country: entry(cert.issuer_name(), Nid::COUNTRYNAME),
+            member_state,
             fingerprint,
         })
     }
@@ -157,9 +319,24 @@ fn tls_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
     )
 }
 
+/// An OpenSSL acceptor with the member states of its trust anchors.
+pub struct Acceptor {
+    ssl: SslAcceptor,
+    anchors: AnchorMap,
+}
+
 /// Builds an acceptor: Mozilla's intermediate profile (TLS 1.2 and 1.3, forward-secret AEAD
-/// ciphers), the server certificate, and client verification against `client_ca`.
-pub fn build_acceptor(opts: &TlsOptions, protocol: Protocol) -> Result<SslAcceptor> {
+/// ciphers), the server certificate, client verification against `client_ca` and its CRLs, and
+/// the anchors' member states.
+pub fn build_acceptor(opts: &TlsOptions, protocol: Protocol) -> Result<Acceptor> {
+    let anchors = anchor_map(opts)?;
+    Ok(Acceptor {
+        ssl: build_ssl(opts, protocol)?,
+        anchors,
+    })
+}
+
+fn build_ssl(opts: &TlsOptions, protocol: Protocol) -> Result<SslAcceptor> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
         .map_err(|e| Error::Internal(format!("openssl: {e}")))?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -176,6 +353,25 @@ pub fn build_acceptor(opts: &TlsOptions, protocol: Protocol) -> Result<SslAccept
         let names = openssl::x509::X509Name::load_client_ca_file(ca)
             .map_err(|e| tls_error("cannot load the client CA bundle", ca, e))?;
         b.set_client_ca_list(names);
+        if !opts.crl.is_empty() {
+            let store = b.cert_store_mut();
+            let lookup = store
+                .add_lookup(X509Lookup::file())
+                .map_err(|e| Error::Internal(format!("openssl: {e}")))?;
+            for path in &opts.crl {
+                // The binding panics on paths that are not UTF-8 or hold NUL: refuse them first.
+                let name = path
+                    .to_str()
+                    .filter(|p| !p.contains('\0'))
+                    .ok_or_else(|| tls_error("cannot load the CRL", path, "the path is not valid UTF-8"))?;
+                lookup
+                    .load_crl_file(name, SslFiletype::PEM)
+                    .map_err(|e| tls_error("cannot load the CRL", path, e))?;
+            }
+            store
+                .set_flags(X509VerifyFlags::CRL_CHECK)
+                .map_err(|e| Error::Internal(format!("openssl: {e}")))?;
+        }
         let mut mode = SslVerifyMode::PEER;
         if opts.require_client_cert {
             mode |= SslVerifyMode::FAIL_IF_NO_PEER_CERT;
@@ -196,7 +392,7 @@ pub fn build_acceptor(opts: &TlsOptions, protocol: Protocol) -> Result<SslAccept
 /// they change and load; kept when they do not.
 #[derive(Clone)]
 pub struct ReloadingAcceptor {
-    current: Arc<RwLock<Arc<SslAcceptor>>>,
+    current: Arc<RwLock<Arc<Acceptor>>>,
 }
 
 impl std::fmt::Debug for ReloadingAcceptor {
@@ -209,6 +405,7 @@ fn stamps(opts: &TlsOptions) -> Vec<Option<(SystemTime, u64)>> {
     [Some(&opts.cert), Some(&opts.key), opts.client_ca.as_ref()]
         .into_iter()
         .flatten()
+        .chain(&opts.crl)
         .map(|p| {
             std::fs::metadata(p)
                 .ok()
@@ -242,7 +439,7 @@ impl ReloadingAcceptor {
                     Ok(a) => {
                         *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
                         seen = now;
-                        tracing::info!(cert = %opts.cert.display(), "TLS certificate reloaded");
+                        tracing::info!(cert = %opts.cert.display(), "TLS certificates and CRLs reloaded");
                     }
                     // Files are often replaced one by one: retry at the next tick.
                     Err(e) => {
@@ -254,7 +451,7 @@ impl ReloadingAcceptor {
         Ok(this)
     }
 
-    fn get(&self) -> Arc<SslAcceptor> {
+    fn get(&self) -> Arc<Acceptor> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
@@ -351,18 +548,25 @@ pub fn accept_loop(
     rx
 }
 
-async fn handshake(acceptor: &SslAcceptor, tcp: TcpStream, remote: SocketAddr) -> io::Result<TlsConn> {
+async fn handshake(acceptor: &Acceptor, tcp: TcpStream, remote: SocketAddr) -> io::Result<TlsConn> {
     let _ = tcp.set_nodelay(true);
-    let ssl = Ssl::new(acceptor.context()).map_err(io::Error::other)?;
+    let ssl = Ssl::new(acceptor.ssl.context()).map_err(io::Error::other)?;
     let mut stream = SslStream::new(ssl, tcp).map_err(io::Error::other)?;
     Pin::new(&mut stream).accept().await.map_err(|e| {
         let reason = e.ssl_error().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
         io::Error::other(reason)
     })?;
+    // The member state is the anchor's the verified chain ends at (the last certificate of the
+    // chain OpenSSL built and verified), whatever the leaf's issuers say of themselves.
+    let member_state = stream
+        .ssl()
+        .verified_chain()
+        .and_then(|chain| chain.iter().last().and_then(fingerprint))
+        .and_then(|fp| acceptor.anchors.get(&fp).cloned());
     let cert = stream
         .ssl()
         .peer_certificate()
-        .and_then(|c| CertIdentity::from_cert(&c))
+        .and_then(|c| CertIdentity::from_cert(&c, member_state))
         .map(Arc::new);
     Ok(TlsConn {
         inner: stream,
@@ -465,5 +669,52 @@ where
         let cert = req.extensions().get::<PeerInfo>().and_then(|p| p.cert.clone());
         let fut = self.0.call(req);
         Box::pin(with_peer(cert, fut))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_read_in_openssl_and_plain_forms() {
+        let hex = "5f".repeat(32);
+        let colon = colon_hex(&hex);
+        assert_eq!(colon.len(), 95);
+        for text in [
+            hex.clone(),
+            colon.clone(),
+            colon.to_lowercase(),
+            format!("sha256:{hex}"),
+            format!(" {colon} "),
+        ] {
+            assert_eq!(normalise_fingerprint(&text).as_deref(), Some(hex.as_str()), "{text}");
+        }
+        for bad in ["", "5f", &"5g".repeat(32), &"5f".repeat(33)] {
+            assert!(normalise_fingerprint(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn anchors_and_crls_need_a_client_ca() {
+        let opts = |anchors: BTreeMap<String, Fingerprints>, crl: Vec<PathBuf>| TlsOptions {
+            cert: "c".into(),
+            key: "k".into(),
+            client_ca: None,
+            anchors,
+            crl,
+            require_client_cert: false,
+            allow_bearer: true,
+            reload_secs: 10,
+        };
+        assert!(anchor_map(&opts(BTreeMap::new(), Vec::new())).unwrap().is_empty());
+        let one = BTreeMap::from([("FR".to_string(), Fingerprints::One("5f".repeat(32)))]);
+        assert!(
+            anchor_map(&opts(one, Vec::new()))
+                .unwrap_err()
+                .to_string()
+                .contains("client_ca")
+        );
+        assert!(anchor_map(&opts(BTreeMap::new(), vec!["x.pem".into()])).is_err());
     }
 }

@@ -28,4 +28,6 @@ fn every_example_config_loads() {
     assert_eq!(node.node_id.as_deref(), Some("gw-fr"));
     let tls = node.tls.expect("the example documents [tls]");
     assert!(tls.allow_bearer && !tls.require_client_cert && tls.client_ca.is_some());
+    // Every trust anchor is bound to its member state by fingerprint.
+    assert_eq!(tls.anchors.keys().map(String::as_str).collect::<Vec<_>>(), ["DE", "FR"]);
 }

@@ -54,6 +54,7 @@ fn claims(principal: String, filter: Option<String>, columns: Option<Vec<String>
         skip: 0,
         aggregate: None,
         fill_nulls: None,
+        role: None,
     }
 }
 

@@ -187,13 +187,15 @@ class FedNode:
         assert self.gw is not None
         return self.gw.cli_json(*args)
 
-    def config_text(self, peers: list[FedNode], *, keys: dict[str, str] | None = None) -> str:
+    def config_text(self, peers: list[FedNode], *, keys: dict[str, str] | None = None,
+                    allow_bearer: bool = True) -> str:
         """This node's configuration: node id, advertised URL, the peers (their keys, or `keys[node]` instead)."""
         lines = [f"# test_federation.py ({self.transport})", f"node_id = {toml_str(self.node_id)}", ""]
         if self.tls:
             lines += ["[tls]", f"cert = {toml_str(self.pki.crt(self.node_id))}",
                       f"key = {toml_str(self.pki.key(self.node_id))}", f"client_ca = {toml_str(self.pki.bundle)}",
-                      "require_client_cert = false", "allow_bearer = true", ""]
+                      "require_client_cert = false", f"allow_bearer = {str(allow_bearer).lower()}",
+                      self.pki.anchors_toml()]
         lines += ["[federation]", f"advertise_flight_url = {toml_str(self.advertise_url)}", ""]
         for p in peers:
             lines += [f"[peers.{p.node_id}]", f"member_state = {toml_str(p.spec.member_state)}",
@@ -865,21 +867,28 @@ def flip(text: str, index: int) -> str:
     return text[:index] + alphabet[(alphabet.index(c) + 1) % 64] + text[index + 1:]
 
 
+# What an assertion's signature covers before its claims (domain separation from tickets, which are signed after
+# TICKET_CONTEXT with the same node key).
+ASSERTION_CONTEXT = b"passerelle-assertion-v2\n"
+TICKET_CONTEXT = b"passerelle-ticket-v1\n"
+
+
 class AssertionForger:
     """Re-signs an assertion's claims with the home node's own key (its `<data-dir>/node.key`), so that exactly one
-    claim is wrong and the signature is genuine. Relies on assertions being signed like tickets:
-    `base64url(JSON claims) "." base64url(Ed25519 signature of those bytes)`, with `exp` (seconds since the epoch) and
-    `aud` (the peer's node id) among the claims; the constructor checks that against the real assertion and the
-    home node's published key, and the test checks that an unmodified re-signed copy is accepted."""
+    claim is wrong and the signature is genuine. Relies on assertions being
+    `base64url(JSON claims) "." base64url(Ed25519 signature of ASSERTION_CONTEXT + those bytes)`, with `exp`
+    (seconds since the epoch) and `aud` (the peer's node id) among the claims; the constructor checks that against the
+    real assertion and the home node's published key, and the test checks that an unmodified re-signed copy is
+    accepted."""
 
     def __init__(self, home: FedNode, assertion: str):
         parts = assertion.split(".")
         assert len(parts) == 2, f"assertion is not `claims.signature`: {assertion[:200]!r}"
         self.body, sig = b64d(parts[0]), b64d(parts[1])
         try:
-            Ed25519PublicKey.from_public_bytes(b64d(home.key_x)).verify(sig, self.body)
+            Ed25519PublicKey.from_public_bytes(b64d(home.key_x)).verify(sig, ASSERTION_CONTEXT + self.body)
         except InvalidSignature:
-            pytest.fail("the assertion is not an Ed25519 signature of its decoded claims by the home node's key")
+            pytest.fail("the assertion is not an Ed25519 signature of the context and its claims by the home node's key")
         self.claims = json.loads(self.body)
         assert isinstance(self.claims.get("exp"), int) and isinstance(self.claims.get("aud"), str), self.claims
         key = serialization.load_pem_private_key((home.data_dir / "node.key").read_bytes(), password=None)
@@ -888,13 +897,14 @@ class AssertionForger:
             == home.key_x
         self.key = key
 
-    def sign(self, **changes: Any) -> str:
+    def sign(self, *, context: bytes = ASSERTION_CONTEXT, **changes: Any) -> str:
+        """The claims with `changes`, signed by the home node's key over `context` + claims."""
         claims = dict(self.claims)
         for k in changes:
             assert k in claims, f"the assertion has no claim {k!r}: {sorted(claims)}"
         claims.update(changes)
         body = json.dumps(claims, separators=(",", ":")).encode()
-        return f"{b64e(body)}.{b64e(self.key.sign(body))}"
+        return f"{b64e(body)}.{b64e(self.key.sign(context + body))}"
 
 
 def test_forged_expired_and_misaddressed_assertions_are_unauthenticated(fed: Federation):

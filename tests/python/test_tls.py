@@ -33,6 +33,7 @@ import socket
 import ssl
 import subprocess
 import time
+import tomllib
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,8 +46,8 @@ import pytest
 
 from conftest import (DATASET, PSEUDONYM_RE, PURPOSE, RELEASED_COLUMNS, Gateway, HttpResponse, assert_json_error,
                       assert_same_multiset, call_options, command_descriptor, dataset_names, expect_status, http,
-                      listed_datasets, output_row, path_descriptor, poll_until, pull, released_row, start_gateway,
-                      stop_process)
+                      listed_datasets, output_row, path_descriptor, poll_until, pull, released_row, run_cli,
+                      start_gateway, stop_process)
 
 REPO = Path(__file__).resolve().parents[2]
 GEN_SH = REPO / "deploy" / "certs" / "gen.sh"
@@ -141,6 +142,19 @@ class Pki:
     def bundle(self) -> Path:
         return self.dir / "ca-bundle.pem"
 
+    def fingerprint(self, name: str) -> str:
+        """SHA-256 fingerprint of `name`'s certificate as `openssl x509 -fingerprint -sha256` prints it (AB:CD:...)."""
+        return openssl("x509", "-in", self.crt(name), "-noout", "-fingerprint", "-sha256").strip().split("=", 1)[1]
+
+    def anchors_toml(self, bindings: dict[str, list[str]] | None = None) -> str:
+        """`[tls.anchors]` binding trust anchors (file stems) to member states; by default each gen.sh root
+        `ca-XX` to XX. Fingerprints are computed here with the openssl CLI, independently of gen.sh's anchors.toml."""
+        bindings = bindings or {cc: [f"ca-{cc}"] for cc in ("FR", "DE", "IT", "EU")}
+        lines = ["[tls.anchors]"]
+        for state, cas in bindings.items():
+            lines.append(f"{state} = {json.dumps([self.fingerprint(ca) for ca in cas])}")
+        return "\n".join(lines) + "\n"
+
     def identity(self, name: str) -> tuple[bytes, bytes]:
         """(certificate PEM, private key PEM) of `name`."""
         return self.crt(name).read_bytes(), self.key(name).read_bytes()
@@ -180,6 +194,14 @@ class Pki:
                 "-in", csr, "-out", self.crt(name), "-notext", "-preserveDN", "-extensions", ext, *validity)
         return self.crt(name)
 
+    def chain(self, name: str, subject: str, intermediates: list[str]) -> Path:
+        """A leaf for `subject` issued by the first of `intermediates` (each issued by the next, the last by a root),
+        its .crt holding the leaf followed by the intermediates, as a client sends them."""
+        self.issue(name, subject, intermediates[0])
+        leaf = self.crt(name).read_bytes()
+        self.crt(name).write_bytes(leaf + b"".join(self.crt(i).read_bytes() for i in intermediates))
+        return self.crt(name)
+
 
 def cert_field(path: Path, *options: str) -> str:
     return openssl("x509", "-in", path, "-noout", "-nameopt", "RFC2253", *options).strip()
@@ -210,6 +232,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     p.issue("wrong-state", "/C=FR/O=dkfz/CN=trainer-de", "ca-FR")
     # the right subject, from a trusted CA of another member state: FR cannot vouch for a German trainer
     p.issue("foreign-ca", "/C=DE/O=dkfz/CN=trainer-de", "ca-FR")
+    # An intermediate labelled C=DE under the FR anchor, issuing trainer-de: still FR's word, not DE's.
+    p.issue("int-de-under-fr", "/C=DE/O=rogue/CN=Intermediate labelled DE", "ca-FR", ext="ca_ext")
+    p.chain("laundered-trainer-de", "/C=DE/O=dkfz/CN=trainer-de", ["int-de-under-fr"])
+    # And the converse: an intermediate labelled C=FR under the DE anchor makes DE principals.
+    p.issue("int-fr-under-de", "/C=FR/O=dkfz/CN=Intermediate labelled FR", "ca-DE", ext="ca_ext")
+    p.chain("chained-trainer-de", "/C=DE/O=dkfz/CN=trainer-de", ["int-fr-under-de"])
     return p
 
 
@@ -255,10 +283,11 @@ class TlsGateway:
         return http(method, self.url(path), key=key, context=self.ssl_context(identity), **kwargs)
 
 
-def _config(cert: Path, key: Path, bundle: Path, *, require_client_cert: bool, allow_bearer: bool) -> str:
+def _config(cert: Path, key: Path, bundle: Path, *, require_client_cert: bool, allow_bearer: bool,
+            anchors: str = "", extra: str = "") -> str:
     return (f"# test_tls.py\n[tls]\ncert = {json.dumps(str(cert))}\nkey = {json.dumps(str(key))}\n"
             f"client_ca = {json.dumps(str(bundle))}\nrequire_client_cert = {str(require_client_cert).lower()}\n"
-            f"allow_bearer = {str(allow_bearer).lower()}\n")
+            f"allow_bearer = {str(allow_bearer).lower()}\n{extra}{anchors}")
 
 
 def _tls_gateway(binary: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pki, name: str, *,
@@ -270,7 +299,7 @@ def _tls_gateway(binary: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pk
     key.chmod(0o600)
     config = base / "passerelle.toml"
     config.write_text(_config(cert, key, pki.bundle, require_client_cert=require_client_cert,
-                              allow_bearer=allow_bearer))
+                              allow_bearer=allow_bearer, anchors=pki.anchors_toml()))
     gw = start_gateway(binary, base / "data", demo_rows=demo_rows, config=config)
     try:
         yield TlsGateway(gw, pki, cert, key)
@@ -422,7 +451,7 @@ def test_gen_sh_is_idempotent(tmp_path: Path):
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert sorted(files) == sorted(
         [f"{n}.{ext}" for n in ("ca-FR", "ca-DE", "ca-IT", "ca-EU", "gw-fr", "gw-de", "gw-it", "trainer-de", "auditor-eu",
-                                "steward-fr") for ext in ("crt", "key")] + ["ca-bundle.pem"])
+                                "steward-fr") for ext in ("crt", "key")] + ["ca-bundle.pem", "anchors.toml"])
     run_gen_sh(tmp_path)
     again = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert again.keys() == files.keys(), "a second run should make the same files, no more"
@@ -589,7 +618,8 @@ def test_untrusted_or_expired_certificate_fails_the_handshake(tls_gw: TlsGateway
     ("ghost", "not a registered principal"),
     ("evil-org", "organisation"),
     ("wrong-state", "member state"),
-    ("foreign-ca", "issued by"),
+    ("foreign-ca", "trust anchor of `FR`"),
+    ("laundered-trainer-de", "trust anchor of `FR`"),
 ])
 def test_certificate_not_matching_a_principal_is_unauthenticated(tls_gw: TlsGateway, identity, fragment):
     c = tls_gw.connect(identity)
@@ -877,3 +907,165 @@ def test_replaced_certificate_is_served_without_restart(certonly_gw: TlsGateway,
     finally:
         c.close()
     print(f"certificate reload seen after {seconds:.1f} s")
+
+
+# ======================================================================================================================
+# Trust anchors bound to member states ([tls.anchors]); CRLs
+# ======================================================================================================================
+
+ROOTS = ("FR", "DE", "IT", "EU")
+
+
+def test_gen_sh_binds_each_root_to_its_member_state(pki: Pki):
+    """gen.sh's anchors.toml binds each root of the bundle to its member state by the fingerprint openssl prints."""
+    doc = tomllib.loads(pki.dir.joinpath("anchors.toml").read_text())
+    assert doc == {"tls": {"anchors": {cc: pki.fingerprint(f"ca-{cc}") for cc in ROOTS}}}, doc
+
+
+def test_an_intermediate_under_the_principals_anchor_identifies_whatever_its_c(tls_gw: TlsGateway):
+    """chained-trainer-de comes through an intermediate labelled C=FR under the DE anchor: the anchor decides, so it
+    is trainer-de (DE); laundered-trainer-de (an intermediate labelled C=DE under the FR anchor) is refused above."""
+    c = tls_gw.connect("chained-trainer-de")
+    try:
+        assert listed_datasets(c, call_options(None)) == [DATASET]
+    finally:
+        c.close()
+    resp = tls_gw.http("GET", "/api/v1/datasets", identity="laundered-trainer-de")
+    body = assert_json_error(resp, 401)
+    assert "trust anchor of `FR`" in body["error"], body
+
+
+def refused_start(binary: Path, base: Path, config_text: str) -> str:
+    """`serve --config` with `config_text` must exit non-zero at once; returns what it printed."""
+    config = base / "passerelle.toml"
+    config.write_text(config_text)
+    proc = run_cli(binary, base / "data", "serve", "--config", str(config), "--flight-addr", "127.0.0.1:0",
+                   "--http-addr", "127.0.0.1:0", check=False)
+    assert proc.returncode != 0, f"serve accepted the configuration:\n{config_text}\n{proc.stdout[-500:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_client_ca_without_anchors_is_refused_with_the_lines_to_add(passerelle_bin: Path, pki: Pki, tmp_path: Path):
+    """An existing configuration with client_ca but no [tls.anchors] is refused at start; the hint is the section
+    to add, with each root's fingerprint, to be checked (the C shown is only the certificate's claim)."""
+    out = refused_start(passerelle_bin, tmp_path, _config(pki.crt("gw-fr"), pki.key("gw-fr"), pki.bundle,
+                                                          require_client_cert=False, allow_bearer=True))
+    assert "[tls.anchors]" in out, out
+    for cc in ROOTS:
+        assert f'{cc} = "{pki.fingerprint(f"ca-{cc}")}"' in out, (cc, out)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("EU root unbound", "no [tls.anchors] entry binds"),
+    ("an anchor outside the bundle", "names no certificate"),
+    ("one anchor for two states", "bound to both"),
+    ("not a fingerprint", "not a SHA-256 fingerprint"),
+    ("not a member state", "member state"),
+])
+def test_anchor_bindings_must_match_the_bundle(passerelle_bin: Path, pki: Pki, tmp_path: Path, case, fragment):
+    three = {cc: [f"ca-{cc}"] for cc in ("FR", "DE", "IT")}
+    anchors = {
+        "EU root unbound": pki.anchors_toml(three),
+        "an anchor outside the bundle": pki.anchors_toml({**three, "EU": ["ca-EU"], "DE": ["ca-DE", "rogue-ca"]}),
+        "one anchor for two states": pki.anchors_toml({**three, "EU": ["ca-EU", "ca-FR"]}),
+        "not a fingerprint": pki.anchors_toml() + 'XX = "AB:CD"\n',
+        "not a member state": pki.anchors_toml().replace("EU =", "eu-bodies ="),
+    }[case]
+    out = refused_start(passerelle_bin, tmp_path, _config(pki.crt("gw-fr"), pki.key("gw-fr"), pki.bundle,
+                                                          require_client_cert=False, allow_bearer=True,
+                                                          anchors=anchors))
+    assert fragment in out, (case, out)
+
+
+CRL_CNF = """\
+[ca]
+default_ca = ca_default
+[ca_default]
+database = {workdir}/index.txt
+default_md = sha256
+default_crl_days = 2
+"""
+
+
+class Crl:
+    """A CRL of one CA kept with `openssl ca` (its own index), written atomically to `path`."""
+
+    def __init__(self, pki: Pki, ca: str, workdir: Path, path: Path):
+        self.pki, self.ca, self.workdir, self.path = pki, ca, workdir, path
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "index.txt").write_text("")
+        (workdir / "openssl.cnf").write_text(CRL_CNF.format(workdir=workdir))
+        self.publish()
+
+    def _ca(self, *args: Any) -> None:
+        openssl("ca", "-batch", "-config", self.workdir / "openssl.cnf", "-cert", self.pki.crt(self.ca),
+                "-keyfile", self.pki.key(self.ca), *args)
+
+    def revoke(self, name: str) -> None:
+        self._ca("-revoke", self.pki.crt(name))
+        self.publish()
+
+    def publish(self) -> None:
+        staged = self.path.with_name(self.path.name + ".new")
+        self._ca("-gencrl", "-out", staged)
+        os.replace(staged, self.path)
+
+
+def test_a_revoked_certificate_is_refused_once_the_crl_lists_it(passerelle_bin: Path, pki: Pki,
+                                                                tmp_path_factory: pytest.TempPathFactory):
+    """`crl = [DE's CRL]`: two certificates of trainer-de from the DE CA work; once one is revoked and the CRL file
+    replaced, new connections with it fail the handshake (Flight and https) within the reload period, without a
+    restart, while the other certificate of the same principal still works. A CA without a CRL in the list (FR) is
+    refused: revocation cannot be checked, so the certificate is not accepted."""
+    base = tmp_path_factory.mktemp("crl-gateway")
+    pki.issue("crl-trainer-de", "/C=DE/O=dkfz/CN=trainer-de", "ca-DE")
+    pki.issue("crl-trainer-de-2", "/C=DE/O=dkfz/CN=trainer-de", "ca-DE")
+    crl = Crl(pki, "ca-DE", base / "crl-ca-DE", base / "crl-DE.pem")
+    cert, key = base / "gw-fr.crt", base / "gw-fr.key"
+    shutil.copyfile(pki.crt("gw-fr"), cert)
+    shutil.copyfile(pki.key("gw-fr"), key)
+    key.chmod(0o600)
+    config = base / "passerelle.toml"
+    config.write_text(_config(cert, key, pki.bundle, require_client_cert=False, allow_bearer=True,
+                              extra=f"reload_secs = 1\ncrl = [{json.dumps(str(crl.path))}]\n",
+                              anchors=pki.anchors_toml()))
+    gw = start_gateway(passerelle_bin, base / "data", demo_rows=SMALL_DEMO_ROWS, config=config)
+    tg = TlsGateway(gw, pki, cert, key)
+    try:
+        def lists(identity: str) -> bool:
+            c = tg.connect(identity)
+            try:
+                return listed_datasets(c, quick_options(None)) == [DATASET]
+            except flight.FlightUnavailableError:
+                return False
+            finally:
+                c.close()
+
+        assert lists("crl-trainer-de") and lists("crl-trainer-de-2")
+        c = tg.connect("steward-fr")
+        try:
+            expect_flight_handshake_refused(lambda: c.get_flight_info(path_descriptor(), quick_options(None)),
+                                            "FR certificate without an FR CRL")
+        finally:
+            c.close()
+
+        crl.revoke("crl-trainer-de")
+        pid = gw.proc.pid
+        _, seconds = poll_until(lambda: not lists("crl-trainer-de"), deadline=RELOAD_DEADLINE, interval=0.5,
+                                what="the revoked certificate is refused")
+        c = tg.connect("crl-trainer-de")
+        try:
+            expect_flight_handshake_refused(lambda: c.get_flight_info(path_descriptor(), quick_options(None)),
+                                            "revoked certificate")
+        finally:
+            c.close()
+        expect_https_handshake_refused(tg, "/api/v1/datasets", "revoked certificate", identity="crl-trainer-de")
+        assert lists("crl-trainer-de-2"), "the other certificate of the same principal is no longer accepted"
+        assert gw.proc.pid == pid
+        gw.assert_alive()
+        print(f"revocation seen after {seconds:.1f} s")
+    finally:
+        died = gw.proc.poll()
+        rc = stop_process(gw.proc)
+        assert died is None, f"the CRL gateway died during the test (exit {died}); log:\n{gw.log_tail()}"
+        assert rc is not None, f"the CRL gateway ignored SIGTERM; log:\n{gw.log_tail()}"
