@@ -178,9 +178,9 @@ pub struct DirLock {
     _file: File,
 }
 
-/// Waits for and takes the keys lock: making the node and pseudonym keys on first start and
-/// rotating the pseudonym key happen one process at a time, so two processes starting at once on
-/// an empty data directory end with one key each, the same, never two.
+/// Waits for and takes the keys lock: opening the node (creating its database and keys on first
+/// start) and rotating the pseudonym key happen one process at a time, so two processes starting
+/// at once on an empty data directory end with one database and one key of each kind, never two.
 pub fn lock_keys(dir: &Path) -> Result<DirLock> {
     let path = dir.join(KEYS_LOCK);
     let file = open_lock_file(&path)?;

@@ -491,17 +491,18 @@ impl Node {
 
     /// As [`Node::open`], with policy files.
     pub async fn open_with(data_dir: &Path, policy: PolicyOptions) -> Result<Arc<Self>> {
+        crate::data_dir::prepare(data_dir)?;
+        // Made once: processes starting at once on an empty data directory take turns, and the
+        // later ones read the database (whose switch to WAL would fail them with "database is
+        // locked") and the keys the first made. Held for the few milliseconds of opening.
+        let init = crate::data_dir::lock_keys(data_dir)?;
         let pool = meta::open_pool(data_dir).await?;
         let meta = MetaStore::open(pool.clone()).await?;
         let consent_store = ConsentStore::open(pool.clone()).await?;
         let audit = AuditLog::open(pool).await?;
-        // Made once: two processes starting at once on an empty data directory take turns, and
-        // the second reads the keys the first made.
-        let (node_key, pseudonym_key) = {
-            let _keys = crate::data_dir::lock_keys(data_dir)?;
-            let node_key = crate::signing::NodeKey::load_or_create(&data_dir.join("node.key"))?;
-            (Arc::new(node_key), pseudonym_key_in_force(data_dir)?)
-        };
+        let node_key = Arc::new(crate::signing::NodeKey::load_or_create(&data_dir.join("node.key"))?);
+        let pseudonym_key = pseudonym_key_in_force(data_dir)?;
+        drop(init);
         let tickets = TicketSigner::new(Arc::clone(&node_key), format!("passerelle-{}", node_key.kid()));
         let authorizer = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], Vec::new(), &[]).await?;
         let empty = Snapshot {
