@@ -281,7 +281,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = ServeLock::acquire(dir.path()).unwrap();
         let err = ServeLock::acquire(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("already being served") && err.contains(&std::process::id().to_string()), "{err}");
+        assert!(
+            err.contains("already being served") && err.contains(&std::process::id().to_string()),
+            "{err}"
+        );
         drop(first);
         // The file stays behind (as after a crash) and does not block the next server.
         assert!(dir.path().join(SERVE_LOCK).exists());

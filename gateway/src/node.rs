@@ -468,11 +468,7 @@ pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
     write_durably(&data_dir.join(format!("pseudonym.key.v{next}")), &secret, 0o600)?;
     // Before the switch: a crash in between leaves version N in force with its own derivation.
     if member_state_from(data_dir)?.is_none() {
-        write_durably(
-            &data_dir.join(MEMBER_STATE_FROM),
-            format!("{next}\n").as_bytes(),
-            0o600,
-        )?;
+        write_durably(&data_dir.join(MEMBER_STATE_FROM), format!("{next}\n").as_bytes(), 0o600)?;
     }
     write_durably(
         &data_dir.join("pseudonym.version"),
@@ -988,7 +984,12 @@ impl Node {
         let k = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner()).clone();
         if k.with_member_state {
             let member_state = passerelle_policies::MemberState::parse(member_state)?;
-            Ok(Pseudonymiser::for_recipient_in_state(&k.key, k.version, &member_state, org))
+            Ok(Pseudonymiser::for_recipient_in_state(
+                &k.key,
+                k.version,
+                &member_state,
+                org,
+            ))
         } else {
             Ok(Pseudonymiser::for_recipient_versioned(&k.key, k.version, org))
         }
@@ -1277,7 +1278,10 @@ mod tests {
     async fn a_new_data_directory_names_recipients_by_member_state_and_org() {
         let dir = tempfile::tempdir().unwrap();
         let node = Node::open(dir.path()).await.unwrap();
-        assert_eq!(std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(), "1\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(),
+            "1\n"
+        );
         let fr = pseudonym_of(&node, "FR", "acme", 42);
         assert_eq!(fr, pseudonym_of(&node, "FR", "acme", 42));
         assert_ne!(fr, pseudonym_of(&node, "DE", "acme", 42));
@@ -1286,7 +1290,10 @@ mod tests {
         assert!(node.pseudonymiser("F/R", "acme").is_err());
         // Reopening (a restart) keeps the derivation.
         drop(node);
-        assert_eq!(pseudonym_of(&Node::open(dir.path()).await.unwrap(), "FR", "acme", 42), fr);
+        assert_eq!(
+            pseudonym_of(&Node::open(dir.path()).await.unwrap(), "FR", "acme", 42),
+            fr
+        );
     }
 
     #[tokio::test]
@@ -1299,20 +1306,35 @@ mod tests {
         let fr = pseudonym_of(&node, "FR", "acme", 42);
         assert_eq!(fr, pseudonym_of(&node, "DE", "acme", 42), "org-only until rotation");
         let ids: arrow::array::ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![42]));
-        let legacy = Pseudonymiser::for_recipient_versioned(&[9u8; 32], 1, "acme").apply(&ids).unwrap();
+        let legacy = Pseudonymiser::for_recipient_versioned(&[9u8; 32], 1, "acme")
+            .apply(&ids)
+            .unwrap();
         use arrow::array::AsArray;
-        assert_eq!(legacy.as_string::<i32>().value(0), fr, "the pseudonyms recipients already hold");
+        assert_eq!(
+            legacy.as_string::<i32>().value(0),
+            fr,
+            "the pseudonyms recipients already hold"
+        );
         // The rotation's new version is the first to name recipients by member state; a running
         // node picks it up at its next refresh.
         assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 2);
-        assert_eq!(std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(), "2\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(),
+            "2\n"
+        );
         node.refresh_pseudonym_key().unwrap();
-        let (fr2, de2) = (pseudonym_of(&node, "FR", "acme", 42), pseudonym_of(&node, "DE", "acme", 42));
+        let (fr2, de2) = (
+            pseudonym_of(&node, "FR", "acme", 42),
+            pseudonym_of(&node, "DE", "acme", 42),
+        );
         assert!(fr2.starts_with("02") && de2.starts_with("02"));
         assert_ne!(fr2, de2);
         // Later rotations keep the marker.
         assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 3);
-        assert_eq!(std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(), "2\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(),
+            "2\n"
+        );
     }
 
     /// Processes starting at once on an empty data directory make one node key and one
@@ -1327,7 +1349,10 @@ mod tests {
                 .map(|_| {
                     let (data, barrier) = (data.clone(), Arc::clone(&barrier));
                     std::thread::spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
                         barrier.wait();
                         rt.block_on(async {
                             let node = Node::open(&data).await.unwrap();

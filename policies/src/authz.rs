@@ -717,8 +717,16 @@ mod tests {
         .await
         .unwrap();
         let now = Utc::now();
-        assert!(a.decide(&people[0], &ds, &p("research/ai-training"), now).unwrap().allow);
-        assert!(a.decide(&people[0], &ds, &p("research/ai-training/llm"), now).unwrap().allow);
+        assert!(
+            a.decide(&people[0], &ds, &p("research/ai-training"), now)
+                .unwrap()
+                .allow
+        );
+        assert!(
+            a.decide(&people[0], &ds, &p("research/ai-training/llm"), now)
+                .unwrap()
+                .allow
+        );
         for outside in ["research/epidemiology", "research"] {
             let d = a.decide(&people[0], &ds, &p(outside), now).unwrap();
             assert!(!d.allow && d.reason.contains("not registered for purpose"), "{d:?}");

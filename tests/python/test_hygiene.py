@@ -28,6 +28,7 @@ import pytest
 from conftest import (CLI_TIMEOUT, DATASET, OTHER_PURPOSE, PROPAGATION_LIMIT, PURPOSE, REGISTRY, SUB_PURPOSE,
                       SUBJECT_COLUMN, Gateway, assert_json_error, call_options, expect_status, http, listed_datasets,
                       path_descriptor, poll_until, pull, run_cli, start_gateway, stop_process)
+from test_federation import ORG, PERMITTED, fed, skip_pull  # noqa: F401 (fixtures: the three-node federation)
 from test_hardening import expect_exhausted
 
 # ======================================================================================================================
@@ -266,6 +267,22 @@ def test_pseudonyms_are_per_member_state_and_organisation(own_gateway, passerell
     assert fr_new <= expected_pseudonyms(master2, 2, v2("FR", "acme"), ids)
     assert de_new <= expected_pseudonyms(master2, 2, v2("DE", "acme"), ids)
     assert pulled_pseudonyms(gw, keys["acme-fr-2"]) == fr_new
+
+
+@pytest.mark.parametrize("node_id", PERMITTED)
+def test_a_peers_principal_is_pseudonymised_under_the_member_state_its_node_vouches_for(fed, skip_pull,
+                                                                                         node_id: str):
+    """trainer-de@gw-de (dkfz, vouched DE by gw-de) gets from every node, gw-fr included, the pseudonyms of recipient
+    `DE/dkfz` under that node's own key: never those of the serving node's member state."""
+    _, parts = skip_pull
+    node = fed.nodes[node_id]
+    master = (node.data_dir / "pseudonym.key").read_bytes()
+    ids = [i for i in node.reference.raw.column(SUBJECT_COLUMN).to_pylist() if i is not None]
+    got = {p for p in parts[node_id].column(SUBJECT_COLUMN).to_pylist() if p is not None}
+    assert got, f"{node_id} sent no rows"
+    assert got <= expected_pseudonyms(master, 1, v2("DE", ORG), ids), f"{node_id}: not the pseudonyms of DE/{ORG}"
+    for other in ("FR", "IT"):
+        assert got.isdisjoint(expected_pseudonyms(master, 1, v2(other, ORG), ids))
 
 
 # ======================================================================================================================
