@@ -174,10 +174,10 @@ async fn add_permit(
         "send {\"org\": \"...\", \"purpose\": \"...\", \"expires\": \"RFC 3339, optional\"}",
     )?;
     let purpose = Purpose::parse(&b.purpose)?;
-    if !m.policy().allows_purpose(&purpose) {
+    if !m.policy().accepts_permit_for(&purpose) {
         return Err(Error::invalid(
             format!("dataset `{name}` is not registered for purpose `{purpose}`"),
-            "permit a purpose listed in the dataset's manifest, or one of its sub-purposes",
+            "permit a purpose listed in the dataset's manifest, one of its sub-purposes or an ancestor of it",
         ));
     }
     let expires = b

@@ -453,7 +453,7 @@ pub async fn guard(node: &Node, principal: &Principal, purpose: &Purpose, datase
         Arc::clone(&policy),
         Arc::clone(&raw_schema),
         purpose.clone(),
-        node.pseudonymiser(&principal.org),
+        node.pseudonymiser(&principal.member_state, &principal.org)?,
         Arc::clone(&node.consent),
     )
     .map_err(|e| match e {

@@ -548,9 +548,9 @@ pub async fn run_admin(cli: &Cli) -> anyhow::Result<()> {
             let Some(m) = all.iter().find(|m| m.name.as_str() == dataset) else {
                 bail!("dataset `{dataset}` not found")
             };
-            if !m.policy().allows_purpose(&purpose) {
+            if !m.policy().accepts_permit_for(&purpose) {
                 bail!(
-                    "dataset `{dataset}` is not registered for purpose `{purpose}`; permit one of its purposes or a sub-purpose"
+                    "dataset `{dataset}` is not registered for purpose `{purpose}`; permit one of its purposes, a sub-purpose or an ancestor of one"
                 );
             }
             node.add_permit(&Permit {

@@ -125,10 +125,10 @@ pub fn write_parquet(path: &Path, rows: usize) -> Result<()> {
         }
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("create directory"))?;
+        crate::data_dir::create_private_dirs(dir)?;
     }
     let tmp = path.with_extension("parquet.tmp");
-    let file = std::fs::File::create(&tmp).map_err(io("create file"))?;
+    let file = crate::data_dir::create_private_file(&tmp)?;
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(128 * 1024))
@@ -206,6 +206,18 @@ admitted_at = {{ class = "non-personal" }}
     )
 }
 
+/// Writes a demo file (mode 0600, as every file of the data directory).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    crate::data_dir::create_private_file(path)?
+        .write_all(bytes)
+        .map_err(|source| Error::Io {
+            op: "write",
+            path: path.display().to_string(),
+            source,
+        })
+}
+
 /// Creates the demo in `node`'s data directory unless `demo-keys.json` already exists.
 /// Returns whether it created anything.
 pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
@@ -228,10 +240,10 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
     );
     let toml = manifest_toml(&location);
     let manifest_path = demo.join("demo_patients.toml");
-    std::fs::write(&manifest_path, &toml).map_err(io("write", &manifest_path))?;
+    write_private(&manifest_path, toml.as_bytes())?;
     let csv = consent_csv(subjects_for(rows));
     let csv_path = demo.join("consent.csv");
-    std::fs::write(&csv_path, &csv).map_err(io("write", &csv_path))?;
+    write_private(&csv_path, csv.as_bytes())?;
 
     let manifest = Manifest::from_toml(&toml)?;
     node.register_dataset(&manifest).await?;
@@ -278,11 +290,7 @@ pub async fn ensure_demo(node: &Node, rows: usize) -> Result<bool> {
     let tmp = keys_path.with_extension("tmp");
     {
         use std::io::Write as _;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp).map_err(io("create", &tmp))?;
+        let mut f = crate::data_dir::create_private_file(&tmp)?;
         f.write_all(&body).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("sync", &tmp))?;
     }

@@ -105,6 +105,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another `passerelle serve` holds the data directory's serve lock.
+    #[error(
+        "data directory `{path}` is already being served by {holder}; stop that server first, or give this one another --data-dir (CLI commands work while it runs)"
+    )]
+    DataDirInUse { path: String, holder: String },
     /// A dataset's source cannot be read right now. The cause (which may name storage paths) is
     /// logged, not sent.
     #[error("dataset `{name}` is unavailable right now; try again later or contact its steward")]
@@ -173,7 +178,9 @@ impl Error {
             Error::ResourceExhausted { .. } => StatusClass::ResourceExhausted,
             Error::SourceFailed => StatusClass::Unavailable,
             Error::DataFusion(e) => classify_datafusion(e),
-            Error::Store { .. } | Error::Io { .. } | Error::Internal(_) => StatusClass::Internal,
+            Error::Store { .. } | Error::Io { .. } | Error::DataDirInUse { .. } | Error::Internal(_) => {
+                StatusClass::Internal
+            }
         }
     }
 

@@ -23,6 +23,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod consent_file;
+pub mod data_dir;
 pub mod demo;
 pub mod error;
 pub mod explain;

@@ -18,7 +18,8 @@ pub struct LimitOptions {
     pub requests_per_second: u32,
     /// Requests a principal may make at once above the sustained rate.
     pub burst: u32,
-    /// Data streams (DoGet) a principal may have open at once.
+    /// Data streams (DoGet) a principal may have open at once (default 64: one training job
+    /// with 64 data-loader workers, each holding a stream).
     pub max_streams_per_principal: u32,
     /// Failed authentications per second, node-wide, that are audited one by one; beyond it they
     /// are refused with RESOURCE_EXHAUSTED and counted in the next audited one.
@@ -35,7 +36,7 @@ impl Default for LimitOptions {
         Self {
             requests_per_second: 100,
             burst: 1000,
-            max_streams_per_principal: 16,
+            max_streams_per_principal: 64,
             failed_auth_per_second: 50,
             failed_auth_burst: 200,
             shutdown_grace_secs: 30,
@@ -180,7 +181,8 @@ impl Limits {
         if *open >= self.opts.max_streams_per_principal {
             return Err(Error::ResourceExhausted {
                 message: format!(
-                    "principal `{principal}` already has {open} streams open (limits.max_streams_per_principal); finish or cancel one first"
+                    "principal `{principal}` already has {open} streams open (limits.max_streams_per_principal = {}); finish or cancel one first, or ask the operator to raise the limit",
+                    self.opts.max_streams_per_principal
                 ),
             });
         }
@@ -246,7 +248,7 @@ mod tests {
                 .open_stream("a")
                 .unwrap_err()
                 .to_string()
-                .contains("2 streams open")
+                .contains("2 streams open (limits.max_streams_per_principal = 2)")
         );
         let _other = limits.open_stream("b").unwrap();
         drop(s1);

@@ -59,12 +59,20 @@ CREATE TABLE IF NOT EXISTS policy_rules (
 
 /// Opens (creating if needed) the node's SQLite database in `data_dir`.
 pub async fn open_pool(data_dir: &Path) -> Result<SqlitePool> {
-    std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
-        op: "create data directory",
-        path: data_dir.display().to_string(),
-        source,
-    })?;
+    crate::data_dir::prepare(data_dir)?;
     let path = data_dir.join("passerelle.db");
+    // SQLite creates the database with the umask's mode and gives its `-wal` and `-shm` files
+    // the database file's: made here first, private, all three are.
+    if !path.exists() {
+        crate::data_dir::private_file_options()
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                op: "create",
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
     let options = SqliteConnectOptions::from_str("sqlite://")
         .map_err(Error::store("parse sqlite options"))?
         .filename(&path)

@@ -129,9 +129,9 @@ pub struct Node {
     /// metadata version rather than per request. Scans still list files, so new files under a
     /// prefix reach the next request.
     raw_sources: std::sync::Mutex<HashMap<String, CachedSource>>,
-    /// The pseudonym master key and its version (the first byte of every pseudonym); swapped
-    /// by `refresh` when `keys rotate-pseudonym` installs a new one.
-    pseudonym_key: RwLock<(Arc<Vec<u8>>, u8)>,
+    /// The pseudonym master key in force; swapped by `refresh` when `keys rotate-pseudonym`
+    /// installs a new one.
+    pseudonym_key: RwLock<PseudonymKey>,
     snapshot: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
     /// One refresh at a time, so a slow refresh cannot put back an older snapshot.
@@ -297,6 +297,54 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>> {
     Ok(secret.to_vec())
 }
 
+/// Names the first pseudonym key version whose recipients are `member_state/org` rather than
+/// `org` alone. Absent in data directories of earlier releases, whose versions keep deriving from
+/// the organisation until the next rotation; written when a data directory's first key is made
+/// (`1`) or by the first rotation that finds it absent (the new version).
+const MEMBER_STATE_FROM: &str = "pseudonym.member-state-from";
+
+/// The pseudonym master key in force, its version (the first byte of every pseudonym) and how
+/// recipients' keys derive from it.
+#[derive(Debug, Clone)]
+struct PseudonymKey {
+    key: Arc<Vec<u8>>,
+    version: u8,
+    /// Recipients are `member_state/org` (otherwise `org`, as keys made by earlier releases).
+    with_member_state: bool,
+}
+
+/// The first key version deriving recipients from `member_state/org`, if any.
+fn member_state_from(data_dir: &Path) -> Result<Option<u8>> {
+    let path = data_dir.join(MEMBER_STATE_FROM);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .map(Some)
+            .ok_or_else(|| Error::Internal(format!("`{}` does not hold a key version (1-255)", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io {
+            op: "read",
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// The pseudonym key in force with its derivation. Makes the first key of a new data directory,
+/// so the caller holds the keys lock.
+fn pseudonym_key_in_force(data_dir: &Path) -> Result<PseudonymKey> {
+    let (key, version) = current_pseudonym_key(data_dir)?;
+    let with_member_state = member_state_from(data_dir)?.is_some_and(|first| version >= first);
+    Ok(PseudonymKey {
+        key: Arc::new(key),
+        version,
+        with_member_state,
+    })
+}
+
 /// The current pseudonym key version (1 until the first rotation).
 fn pseudonym_key_version(data_dir: &Path) -> Result<u8> {
     let path = data_dir.join("pseudonym.version");
@@ -331,6 +379,11 @@ fn current_pseudonym_key(data_dir: &Path) -> Result<(Vec<u8>, u8)> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let legacy = data_dir.join("pseudonym.key");
             if version == 1 {
+                if !legacy.exists() && member_state_from(data_dir)?.is_none() {
+                    // A data directory's first key: its recipients are `member_state/org` from
+                    // the start (written before the key, so no pseudonym is ever made otherwise).
+                    write_durably(&data_dir.join(MEMBER_STATE_FROM), b"1\n", 0o600)?;
+                }
                 return Ok((load_or_create_secret(&legacy)?, version));
             }
             // Rotated by an earlier release, which kept the key in force here: read, never made.
@@ -375,8 +428,7 @@ fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let tmp = path.with_file_name(format!("{name}.tmp"));
     {
         use std::io::Write as _;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        let mut opts = crate::data_dir::private_file_options();
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
         let mut f = opts.open(&tmp).map_err(io("create", &tmp))?;
@@ -404,20 +456,14 @@ fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// names it, so a crash leaves either the old version with its key or the new one with its own
 /// (never a new key under an old version byte). Running servers pick the new key up within a
 /// refresh interval. Returns the new version.
+///
+/// In a data directory whose recipients are still organisations alone (made by an earlier
+/// release), the new version is the first whose recipients are `member_state/org`.
 pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
-    // One rotation at a time (two would both make "version N+1"); released when `_lock` drops.
-    let lock_path = data_dir.join("pseudonym.lock");
-    let _lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .and_then(|f| f.lock().map(|()| f))
-        .map_err(|source| Error::Io {
-            op: "lock",
-            path: lock_path.display().to_string(),
-            source,
-        })?;
+    crate::data_dir::prepare(data_dir)?;
+    // One rotation (or first key) at a time: two would both make "version N+1". Released when
+    // `_lock` drops.
+    let _lock = crate::data_dir::lock_keys(data_dir)?;
     let current = pseudonym_key_version(data_dir)?;
     let next = current.checked_add(1).ok_or_else(|| {
         Error::invalid(
@@ -434,10 +480,14 @@ pub fn rotate_pseudonym_key(data_dir: &Path) -> Result<u8> {
     // A leftover of a rotation that crashed before the switch was never in force: replaced.
     let secret: [u8; 32] = rand::random();
     write_durably(&data_dir.join(format!("pseudonym.key.v{next}")), &secret, 0o600)?;
+    // Before the switch: a crash in between leaves version N in force with its own derivation.
+    if member_state_from(data_dir)?.is_none() {
+        write_durably(&data_dir.join(MEMBER_STATE_FROM), format!("{next}\n").as_bytes(), 0o600)?;
+    }
     write_durably(
         &data_dir.join("pseudonym.version"),
         format!("{next}\n").as_bytes(),
-        0o644,
+        0o600,
     )?;
     Ok(next)
 }
@@ -451,13 +501,19 @@ impl Node {
 
     /// As [`Node::open`], with policy files.
     pub async fn open_with(data_dir: &Path, policy: PolicyOptions) -> Result<Arc<Self>> {
+        crate::data_dir::prepare(data_dir)?;
+        // Made once: processes starting at once on an empty data directory take turns, and the
+        // later ones read the database (whose switch to WAL would fail them with "database is
+        // locked") and the keys the first made. Held for the few milliseconds of opening.
+        let init = crate::data_dir::lock_keys(data_dir)?;
         let pool = meta::open_pool(data_dir).await?;
         let meta = MetaStore::open(pool.clone()).await?;
         let consent_store = ConsentStore::open(pool.clone()).await?;
         let audit = AuditLog::open(pool).await?;
         let node_key = Arc::new(crate::signing::NodeKey::load_or_create(&data_dir.join("node.key"))?);
+        let pseudonym_key = pseudonym_key_in_force(data_dir)?;
+        drop(init);
         let tickets = TicketSigner::new(Arc::clone(&node_key), format!("passerelle-{}", node_key.kid()));
-        let (pseudonym_master, pseudonym_version) = current_pseudonym_key(data_dir)?;
         let authorizer = Authorizer::build(DEFAULT_MODEL, &DEFAULT_POLICY_FILE, &[], Vec::new(), &[]).await?;
         let empty = Snapshot {
             meta_version: u64::MAX,
@@ -499,7 +555,7 @@ impl Node {
             queries: crate::sql::QueryExecutor::new(
                 2 * std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )?,
-            pseudonym_key: RwLock::new((Arc::new(pseudonym_master), pseudonym_version)),
+            pseudonym_key: RwLock::new(pseudonym_key),
             snapshot: RwLock::new(Arc::new(empty)),
             changed,
             refreshing: tokio::sync::Mutex::new(()),
@@ -565,13 +621,20 @@ impl Node {
     /// keep the key they started with.
     fn refresh_pseudonym_key(&self) -> Result<()> {
         let version = pseudonym_key_version(&self.data_dir)?;
-        let current = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner()).1;
+        let current = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner()).version;
         if version == current {
             return Ok(());
         }
-        let (key, version) = current_pseudonym_key(&self.data_dir)?;
-        *self.pseudonym_key.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(key), version);
-        tracing::info!(version, "pseudonym key rotated");
+        let key = {
+            let _keys = crate::data_dir::lock_keys(&self.data_dir)?;
+            pseudonym_key_in_force(&self.data_dir)?
+        };
+        tracing::info!(
+            version = key.version,
+            member_state_in_recipient = key.with_member_state,
+            "pseudonym key rotated"
+        );
+        *self.pseudonym_key.write().unwrap_or_else(|e| e.into_inner()) = key;
         Ok(())
     }
 
@@ -972,13 +1035,26 @@ impl Node {
         Ok(table)
     }
 
-    /// The keyed pseudonymiser for a recipient organisation.
-    pub fn pseudonymiser(&self, org: &str) -> Pseudonymiser {
-        let (key, version) = {
-            let guard = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner());
-            (Arc::clone(&guard.0), guard.1)
-        };
-        Pseudonymiser::for_recipient_versioned(&key, version, org)
+    /// The keyed pseudonymiser for a recipient: organisation `org` of `member_state` (for a
+    /// peer's principal, the member state its node vouches for). Key versions made before
+    /// recipients carried their member state keep deriving from `org` alone until the next
+    /// rotation, so their recipients' pseudonyms stay stable.
+    ///
+    /// Fails only if `member_state` is not a two-letter code (stored principals are checked
+    /// when added).
+    pub fn pseudonymiser(&self, member_state: &str, org: &str) -> Result<Pseudonymiser> {
+        let k = self.pseudonym_key.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if k.with_member_state {
+            let member_state = passerelle_policies::MemberState::parse(member_state)?;
+            Ok(Pseudonymiser::for_recipient_in_state(
+                &k.key,
+                k.version,
+                &member_state,
+                org,
+            ))
+        } else {
+            Ok(Pseudonymiser::for_recipient_versioned(&k.key, k.version, org))
+        }
     }
 
     /// Adds a principal and returns its new API key (shown once, stored hashed).
@@ -1321,7 +1397,8 @@ mod tests {
         let p1 = Node::open(dir.path())
             .await
             .unwrap()
-            .pseudonymiser("dkfz")
+            .pseudonymiser("DE", "dkfz")
+            .unwrap()
             .apply(&ids)
             .unwrap();
         assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 2);
@@ -1329,7 +1406,8 @@ mod tests {
         let p2 = Node::open(dir.path())
             .await
             .unwrap()
-            .pseudonymiser("dkfz")
+            .pseudonymiser("DE", "dkfz")
+            .unwrap()
             .apply(&ids)
             .unwrap();
         use arrow::array::AsArray;
@@ -1342,7 +1420,8 @@ mod tests {
         let p3 = Node::open(dir.path())
             .await
             .unwrap()
-            .pseudonymiser("dkfz")
+            .pseudonymiser("DE", "dkfz")
+            .unwrap()
             .apply(&ids)
             .unwrap();
         assert_eq!(p3.as_string::<i32>().value(0), b);
@@ -1353,6 +1432,109 @@ mod tests {
             vec![7u8; 32]
         );
         assert_eq!(std::fs::read(dir.path().join("pseudonym.key.v2")).unwrap().len(), 32);
+    }
+
+    fn pseudonym_of(node: &Node, member_state: &str, org: &str, id: i64) -> String {
+        use arrow::array::AsArray;
+        let ids: arrow::array::ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![id]));
+        let out = node.pseudonymiser(member_state, org).unwrap().apply(&ids).unwrap();
+        out.as_string::<i32>().value(0).to_string()
+    }
+
+    #[tokio::test]
+    async fn a_new_data_directory_names_recipients_by_member_state_and_org() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(dir.path()).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(),
+            "1\n"
+        );
+        let fr = pseudonym_of(&node, "FR", "acme", 42);
+        assert_eq!(fr, pseudonym_of(&node, "FR", "acme", 42));
+        assert_ne!(fr, pseudonym_of(&node, "DE", "acme", 42));
+        assert!(fr.starts_with("01"));
+        // A principal's member state is always a two-letter code; anything else is refused.
+        assert!(node.pseudonymiser("F/R", "acme").is_err());
+        // Reopening (a restart) keeps the derivation.
+        drop(node);
+        assert_eq!(
+            pseudonym_of(&Node::open(dir.path()).await.unwrap(), "FR", "acme", 42),
+            fr
+        );
+    }
+
+    #[tokio::test]
+    async fn an_earlier_release_s_data_directory_keeps_its_pseudonyms_until_rotation() {
+        // Earlier releases: `pseudonym.key` (version 1) and no member-state marker.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pseudonym.key"), [9u8; 32]).unwrap();
+        let node = Node::open(dir.path()).await.unwrap();
+        assert!(!dir.path().join(MEMBER_STATE_FROM).exists());
+        let fr = pseudonym_of(&node, "FR", "acme", 42);
+        assert_eq!(fr, pseudonym_of(&node, "DE", "acme", 42), "org-only until rotation");
+        let ids: arrow::array::ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![42]));
+        let legacy = Pseudonymiser::for_recipient_versioned(&[9u8; 32], 1, "acme")
+            .apply(&ids)
+            .unwrap();
+        use arrow::array::AsArray;
+        assert_eq!(
+            legacy.as_string::<i32>().value(0),
+            fr,
+            "the pseudonyms recipients already hold"
+        );
+        // The rotation's new version is the first to name recipients by member state; a running
+        // node picks it up at its next refresh.
+        assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 2);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(),
+            "2\n"
+        );
+        node.refresh_pseudonym_key().unwrap();
+        let (fr2, de2) = (
+            pseudonym_of(&node, "FR", "acme", 42),
+            pseudonym_of(&node, "DE", "acme", 42),
+        );
+        assert!(fr2.starts_with("02") && de2.starts_with("02"));
+        assert_ne!(fr2, de2);
+        // Later rotations keep the marker.
+        assert_eq!(rotate_pseudonym_key(dir.path()).unwrap(), 3);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(MEMBER_STATE_FROM)).unwrap(),
+            "2\n"
+        );
+    }
+
+    /// Processes starting at once on an empty data directory make one node key and one
+    /// pseudonym key, and all use them (threads here open separate lock files, as processes do).
+    #[test]
+    fn concurrent_first_starts_make_one_set_of_keys() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let seen: Vec<(String, String)> = (0..8)
+                .map(|_| {
+                    let (data, barrier) = (data.clone(), Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        barrier.wait();
+                        rt.block_on(async {
+                            let node = Node::open(&data).await.unwrap();
+                            (node.node_key.kid().to_string(), pseudonym_of(&node, "DE", "dkfz", 7))
+                        })
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+            let on_disk = crate::signing::NodeKey::load_or_create(&data.join("node.key")).unwrap();
+            assert_eq!(on_disk.kid(), seen[0].0);
+        }
     }
 
     #[tokio::test]

@@ -73,15 +73,9 @@ impl NodeKey {
                 let pem = key
                     .private_key_to_pem_pkcs8()
                     .map_err(openssl_error("encode node key"))?;
+                // Callers in a data directory hold its keys lock, so one process makes the key.
                 let tmp = path.with_extension("tmp");
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt as _;
-                    opts.mode(0o600);
-                }
-                let mut f = opts.open(&tmp).map_err(io("create node key"))?;
+                let mut f = crate::data_dir::create_private_file(&tmp)?;
                 f.write_all(&pem).map_err(io("write node key"))?;
                 f.sync_all().map_err(io("sync node key"))?;
                 std::fs::rename(&tmp, path).map_err(io("install node key"))?;

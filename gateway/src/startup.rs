@@ -59,6 +59,8 @@ pub struct Application {
     http: TcpListener,
     flight_addr: SocketAddr,
     http_addr: SocketAddr,
+    /// Held until the server has stopped: one server per data directory.
+    serve_lock: Option<crate::data_dir::ServeLock>,
 }
 
 impl Application {
@@ -67,6 +69,9 @@ impl Application {
     pub async fn build(cfg: &GatewayConfig) -> Result<Self> {
         cfg.validate()?;
         let data_dir = cfg.data_dir.clone().unwrap_or_else(|| "passerelle-data".into());
+        // Before anything is written (demo data, serve.json): a second server stops here.
+        crate::data_dir::prepare(&data_dir)?;
+        let serve_lock = crate::data_dir::ServeLock::acquire(&data_dir)?;
         let mut node = Node::open_with(&data_dir, cfg.policy.clone()).await?;
         if let Some(n) = Arc::get_mut(&mut node) {
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
@@ -127,11 +132,16 @@ impl Application {
         let serve_json = serde_json::json!({ "flight_addr": flight_addr.to_string(), "http_addr": http_addr.to_string(), "tls": cfg.tls.is_some() });
         let path = data_dir.join("serve.json");
         let tmp = data_dir.join("serve.json.tmp");
-        std::fs::write(&tmp, serve_json.to_string()).map_err(|source| Error::Io {
-            op: "write",
-            path: tmp.display().to_string(),
-            source,
-        })?;
+        {
+            use std::io::Write as _;
+            crate::data_dir::create_private_file(&tmp)?
+                .write_all(serve_json.to_string().as_bytes())
+                .map_err(|source| Error::Io {
+                    op: "write",
+                    path: tmp.display().to_string(),
+                    source,
+                })?;
+        }
         std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
             op: "write",
             path: path.display().to_string(),
@@ -145,6 +155,7 @@ impl Application {
             http,
             flight_addr,
             http_addr,
+            serve_lock: Some(serve_lock),
         })
     }
 
@@ -162,7 +173,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` becomes true.
-    pub async fn run_until_stopped(self, shutdown: watch::Receiver<bool>) -> Result<()> {
+    pub async fn run_until_stopped(mut self, shutdown: watch::Receiver<bool>) -> Result<()> {
+        // Released last, once this server's audit entries are settled, so a next server on the
+        // data directory cannot start before (its streams would be failed as this one's).
+        let _serve_lock = self.serve_lock.take();
         let refresher = self.node.spawn_refresher(shutdown.clone());
         let svc = FlightServiceServer::new(FlightHandler::new(Arc::clone(&self.node)))
             .max_decoding_message_size(MAX_DECODING_MESSAGE)

@@ -697,6 +697,43 @@ mod tests {
         );
     }
 
+    /// A permit for an ancestor of the dataset's purposes is accepted and covers them, never a
+    /// purpose outside the dataset's list (nor the ancestor itself, which the dataset does not list).
+    #[tokio::test]
+    async fn a_permit_for_an_ancestor_covers_the_datasets_sub_purposes_only() {
+        let people = vec![principal("t-de", "dkfz", Role::Trainer)];
+        let ds = dataset(&["research/ai-training"]);
+        assert!(ds.accepts_permit_for(&p("research")));
+        assert!(ds.accepts_permit_for(&p("research/ai-training/llm")));
+        assert!(!ds.accepts_permit_for(&p("research/epidemiology")));
+        assert!(!ds.accepts_permit_for(&p("marketing")));
+        let a = Authorizer::build(
+            DEFAULT_MODEL,
+            &DEFAULT_POLICY_FILE,
+            &[],
+            vec![permit("dkfz", "research", None)],
+            &people,
+        )
+        .await
+        .unwrap();
+        let now = Utc::now();
+        assert!(
+            a.decide(&people[0], &ds, &p("research/ai-training"), now)
+                .unwrap()
+                .allow
+        );
+        assert!(
+            a.decide(&people[0], &ds, &p("research/ai-training/llm"), now)
+                .unwrap()
+                .allow
+        );
+        for outside in ["research/epidemiology", "research"] {
+            let d = a.decide(&people[0], &ds, &p(outside), now).unwrap();
+            assert!(!d.allow && d.reason.contains("not registered for purpose"), "{d:?}");
+        }
+        assert!(a.visible(&people[0], &ds, now));
+    }
+
     #[tokio::test]
     async fn expiries_compare_as_times_whatever_their_offset() {
         let people = vec![principal("t-de", "dkfz", Role::Trainer)];

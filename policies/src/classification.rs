@@ -519,6 +519,14 @@ impl DatasetPolicy {
     pub fn allows_purpose(&self, purpose: &Purpose) -> bool {
         self.purposes.iter().any(|p| p.covers(purpose))
     }
+
+    /// Whether a permit for `purpose` can ever let anyone use this dataset: `purpose` is one of
+    /// the dataset's purposes, a sub-purpose of one, or an ancestor of one (a permit for
+    /// `research` covers a dataset registered for `research/ai-training`; requests are still
+    /// confined to the dataset's purposes by [`DatasetPolicy::allows_purpose`]).
+    pub fn accepts_permit_for(&self, purpose: &Purpose) -> bool {
+        self.purposes.iter().any(|p| p.covers(purpose) || purpose.covers(p))
+    }
 }
 
 #[cfg(test)]

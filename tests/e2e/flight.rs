@@ -45,7 +45,7 @@ async fn governed_stream_equals_reference_model() {
     );
 
     // Pseudonyms: the keyed HMAC for dkfz of exactly the consented subjects' ids.
-    let allowed = pseudonyms(&gw.node, "dkfz", keep.iter().copied());
+    let allowed = pseudonyms(&gw.node, "DE", "dkfz", keep.iter().copied());
     for b in &got {
         for p in b.column(0).as_string::<i32>().iter() {
             assert!(allowed.contains(p.unwrap()));
@@ -64,7 +64,7 @@ async fn governed_stream_equals_reference_model() {
     }
 
     // Another organisation sees unrelated pseudonyms.
-    let other = pseudonyms(&gw.node, "gemelli", keep.iter().copied());
+    let other = pseudonyms(&gw.node, "IT", "gemelli", keep.iter().copied());
     assert!(allowed.is_disjoint(&other));
     gw.shutdown_and_wait().await.unwrap();
 }

@@ -9,10 +9,15 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-/// The pseudonyms organisation `org` receives for `ids`.
-pub fn pseudonyms(node: &passerelle::node::Node, org: &str, ids: impl IntoIterator<Item = i64>) -> HashSet<String> {
+/// The pseudonyms organisation `org` of member state `member_state` receives for `ids`.
+pub fn pseudonyms(
+    node: &passerelle::node::Node,
+    member_state: &str,
+    org: &str,
+    ids: impl IntoIterator<Item = i64>,
+) -> HashSet<String> {
     let ids: arrow::array::ArrayRef = std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(ids));
-    let out = node.pseudonymiser(org).apply(&ids).unwrap();
+    let out = node.pseudonymiser(member_state, org).unwrap().apply(&ids).unwrap();
     out.as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect()
 }
 

@@ -94,7 +94,7 @@ async fn sql_returns_exactly_what_plain_flight_returns() {
     // Each plain-Flight row (already checked against the reference model elsewhere) of an even
     // subject meets its two visits.
     let subjects = passerelle::demo::subjects_for(ROWS) as i64;
-    let even = crate::reference::pseudonyms(&gw.node, "dkfz", (0..subjects).filter(|s| s % 2 == 0));
+    let even = crate::reference::pseudonyms(&gw.node, "DE", "dkfz", (0..subjects).filter(|s| s % 2 == 0));
     let mut expected = 0;
     for b in &plain {
         let pid = b.column_by_name("patient_id").unwrap().as_string::<i32>();

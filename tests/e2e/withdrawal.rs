@@ -19,7 +19,7 @@ async fn withdrawal_reaches_an_open_stream() {
     let keep = consented(gw.data_dir(), AI, &[]);
     // Withdraw a tenth of the consenting subjects while a stream is open.
     let withdrawn: Vec<i64> = keep.iter().copied().filter(|s| s % 10 == 0).collect();
-    let withdrawn_p = pseudonyms(&gw.node, "dkfz", withdrawn.iter().copied());
+    let withdrawn_p = pseudonyms(&gw.node, "DE", "dkfz", withdrawn.iter().copied());
 
     let mut c = gw.client(Some(&gw.key("trainer-de")), Some(AI)).await.unwrap();
     let info = c

@@ -1,9 +1,12 @@
 //! Keyed pseudonyms per recipient organisation.
 //!
-//! `pseudonym = hex(key_version || HMAC-SHA256(k_org, canonical(value))[..15])` where
-//! `k_org = HMAC-SHA256(master_v, "passerelle/pseudonym/v1/" || org)`. The leading byte names the
-//! master-key version, so after a key rotation old pseudonyms are recognisable as old. One organisation always
-//! sees the same pseudonym for a subject (so it can link its own pulls), two organisations see
+//! `pseudonym = hex(key_version || HMAC-SHA256(k_rcpt, canonical(value))[..15])` where the
+//! recipient key is `k_rcpt = HMAC-SHA256(master_v, "passerelle/pseudonym/v2/" || CC "/" || org)`
+//! (the recipient's member state and organisation: `acme` of FR and `acme` of DE are different
+//! recipients), or, for key versions made before member states were part of the recipient,
+//! `HMAC-SHA256(master_v, "passerelle/pseudonym/v1/" || org)`. The leading byte names the
+//! master-key version, so after a key rotation old pseudonyms are recognisable as old. One recipient always
+//! sees the same pseudonym for a subject (so it can link its own pulls), two recipients see
 //! unrelated ones (so they cannot join on them). Integers are canonicalised to their decimal
 //! text, so an id stored as `123` in one dataset and `"123"` in another pseudonymises equally.
 
@@ -15,6 +18,7 @@ use arrow::datatypes::{DataType, Int32Type, Int64Type};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::classification::MemberState;
 use crate::enforce::sha256x4::compress4;
 use crate::error::{Error, Result};
 
@@ -218,12 +222,35 @@ impl Pseudonymiser {
         Self::for_recipient_versioned(master_key, 1, org)
     }
 
-    /// Derives the recipient's key from master key `key_version`.
+    /// Derives the recipient's key from master key `key_version` and the organisation name
+    /// alone: the derivation of key versions made before recipients carried their member state
+    /// (kept so those recipients' pseudonyms stay stable until the next rotation).
     pub fn for_recipient_versioned(master_key: &[u8], key_version: u8, org: &str) -> Self {
+        Self::derive(master_key, key_version, &[b"passerelle/pseudonym/v1/", org.as_bytes()])
+    }
+
+    /// Derives the recipient's key from master key `key_version`, the recipient's member state
+    /// and its organisation, so equally named organisations of two member states get unrelated
+    /// pseudonyms. A member state is two letters, so `CC/org` names one recipient only.
+    pub fn for_recipient_in_state(master_key: &[u8], key_version: u8, member_state: &MemberState, org: &str) -> Self {
+        Self::derive(
+            master_key,
+            key_version,
+            &[
+                b"passerelle/pseudonym/v2/",
+                member_state.as_str().as_bytes(),
+                b"/",
+                org.as_bytes(),
+            ],
+        )
+    }
+
+    fn derive(master_key: &[u8], key_version: u8, label: &[&[u8]]) -> Self {
         // HMAC accepts keys of any length, so new_from_slice cannot fail; fall back defensively.
         let mut kdf = HmacSha256::new_from_slice(master_key).unwrap_or_else(|_| keyed_zero());
-        kdf.update(b"passerelle/pseudonym/v1/");
-        kdf.update(org.as_bytes());
+        for part in label {
+            kdf.update(part);
+        }
         let k_org = kdf.finalize().into_bytes();
         Self {
             keyed: HmacSha256::new_from_slice(&k_org).unwrap_or_else(|_| keyed_zero()),
@@ -494,5 +521,38 @@ mod tests {
             .apply(&ints)
             .unwrap();
         assert!(v2.as_string::<i32>().value(0).starts_with("02"));
+    }
+
+    /// The member state is part of the recipient: `FR/acme` and `DE/acme` get unrelated
+    /// pseudonyms, each stable; the org-only derivation of older key versions is unchanged
+    /// (pinned against the `hmac` crate computed here independently).
+    #[test]
+    fn member_state_is_part_of_the_recipient() {
+        let (fr, de) = (MemberState::parse("FR").unwrap(), MemberState::parse("DE").unwrap());
+        let ints: ArrayRef = Arc::new(Int64Array::from(vec![42]));
+        let one = |p: Pseudonymiser| p.apply(&ints).unwrap().as_string::<i32>().value(0).to_string();
+        let a = one(Pseudonymiser::for_recipient_in_state(b"master", 4, &fr, "acme"));
+        assert_eq!(a, one(Pseudonymiser::for_recipient_in_state(b"master", 4, &fr, "acme")));
+        assert_ne!(a, one(Pseudonymiser::for_recipient_in_state(b"master", 4, &de, "acme")));
+        assert_ne!(a, one(Pseudonymiser::for_recipient_versioned(b"master", 4, "acme")));
+        assert!(a.starts_with("04"));
+        let reference = |label: &[u8], value: &[u8], version: u8| {
+            let mut kdf = <HmacSha256 as Mac>::new_from_slice(b"master").unwrap();
+            kdf.update(label);
+            let k = kdf.finalize().into_bytes();
+            let mut m = <HmacSha256 as Mac>::new_from_slice(&k).unwrap();
+            m.update(value);
+            let tag = m.finalize().into_bytes();
+            let mut out = format!("{version:02x}");
+            for b in &tag[..15] {
+                out.push_str(&format!("{b:02x}"));
+            }
+            out
+        };
+        assert_eq!(a, reference(b"passerelle/pseudonym/v2/FR/acme", b"42", 4));
+        assert_eq!(
+            one(Pseudonymiser::for_recipient_versioned(b"master", 1, "acme")),
+            reference(b"passerelle/pseudonym/v1/acme", b"42", 1)
+        );
     }
 }
