@@ -292,6 +292,9 @@ impl DataCommand {
                 "simplify the filter",
             ));
         }
+        if let Some(filter) = &cmd.filter {
+            crate::nesting::check(filter, "filter")?;
+        }
         if cmd.parts.is_some_and(|n| n == 0 || n > MAX_PARTS) {
             return Err(Error::invalid(
                 format!("`parts` must be between 1 and {MAX_PARTS}"),
@@ -398,9 +401,22 @@ pub fn source_context(stores: &Stores) -> Result<SessionContext> {
     Ok(SessionContext::new_with_config_rt(session_config(), runtime(stores)?))
 }
 
+/// A session for governed plans: [`session_config`], `runtime`, and the planner that knows the
+/// release barrier (`passerelle_policies::enforce::ReleaseBarrier`) that floors put between
+/// suppressed rows and user expressions.
+pub fn governed_session(runtime: Arc<RuntimeEnv>) -> SessionContext {
+    datafusion::execution::SessionStateBuilder::new()
+        .with_config(session_config())
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_query_planner(passerelle_policies::enforce::query_planner())
+        .build()
+        .into()
+}
+
 /// A session whose catalog holds exactly the given guarded tables.
 pub fn guarded_context(stores: &Stores, tables: Vec<(String, GuardedTable)>) -> Result<SessionContext> {
-    let ctx = SessionContext::new_with_config_rt(session_config(), runtime(stores)?);
+    let ctx = governed_session(runtime(stores)?);
     for (name, table) in tables {
         ctx.register_table(name.as_str(), Arc::new(table))?;
     }
@@ -605,8 +621,7 @@ pub async fn plan_for(
     let holds_rows = cmd.aggregate.is_some() || policy.k_anonymity.is_some();
     let ctx = match holds_rows {
         true => {
-            let runtime = limited_runtime(&node.stores, node.sql.memory_limit_mb)?;
-            let ctx = SessionContext::new_with_config_rt(session_config(), runtime);
+            let ctx = governed_session(limited_runtime(&node.stores, node.sql.memory_limit_mb)?);
             ctx.register_table(cmd.dataset.as_str(), Arc::new(table))?;
             ctx
         }
@@ -635,6 +650,17 @@ pub async fn plan_for(
             exprs.push(lit(ScalarValue::try_from(ty)?).alias(name));
         }
         df = df.select(exprs)?;
+    }
+    if cmd.filter.is_some() && cmd.aggregate.is_none() && policy.k_anonymity.is_some() {
+        // The filter sees only rows the unfiltered stream releases (behind a barrier it cannot
+        // cross): a filter that fails on a row the floor suppresses would otherwise tell that
+        // the row exists. The floor after the filter (below) then counts the filtered stream,
+        // as before: rows the first floor removes are rare in any filtered stream too.
+        let state = ctx.state();
+        df = DataFrame::new(
+            state,
+            passerelle_policies::enforce::k_floor_scans(df.into_unoptimized_plan())?,
+        );
     }
     if let Some(filter) = &cmd.filter {
         let expr = df.parse_sql_expr(filter).map_err(|e| {
@@ -713,6 +739,7 @@ fn aggregate(state: datafusion::execution::SessionState, df: DataFrame, agg: &Ag
         })?
         .into_unoptimized_plan();
     let plan = passerelle_policies::enforce::k_floor_scans(passerelle_policies::enforce::enforce_release(plan)?)?;
+    passerelle_policies::enforce::check_fallible(&state, &plan)?;
     Ok(DataFrame::new(state, plan))
 }
 

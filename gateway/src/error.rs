@@ -257,7 +257,8 @@ fn policy_status(p: &passerelle_policies::Error) -> StatusClass {
         | P::InvalidConsentEvent { .. }
         | P::InvalidPolicyLine { .. }
         | P::InvalidModel { .. }
-        | P::Unsupported { .. } => StatusClass::InvalidArgument,
+        | P::Unsupported { .. }
+        | P::FallibleExpression { .. } => StatusClass::InvalidArgument,
         P::AccessDenied { .. } => StatusClass::PermissionDenied,
         P::SourceRead { .. } => StatusClass::Unavailable,
         P::Store { .. } | P::Casbin { .. } | P::Arrow(_) => StatusClass::Internal,

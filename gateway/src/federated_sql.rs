@@ -423,8 +423,15 @@ async fn open(source: Source) -> DfResult<futures::stream::BoxStream<'static, Df
                 .await
                 .map_err(|s| unavailable(s.message().to_string()))?
                 .into_inner();
+            // Each message is checked before it is decoded: a peer's compressed buffer may not
+            // claim more than a message may hold (see `crate::ipc`).
+            let data = data.map(|m| {
+                let m = m.map_err(|s| FlightError::Tonic(Box::new(s)))?;
+                crate::ipc::check(&m, crate::ipc::MAX_DECOMPRESSED_MESSAGE).map_err(FlightError::ProtocolError)?;
+                Ok(m)
+            });
             let stream =
-                FlightRecordBatchStream::new_from_flight_data(data.map_err(|s| FlightError::Tonic(Box::new(s))))
+                FlightRecordBatchStream::new_from_flight_data(data)
                     .map_err(move |e| {
                         external(Error::PeerUnavailable {
                             message: format!("{node_id}: the part's stream failed: {e}"),

@@ -117,6 +117,66 @@ fn decode_params(text: &str) -> Result<ParamValues> {
     Ok(ParamValues::from(values))
 }
 
+const PARAMETERS_HINT: &str = "bind parameters as one Arrow record batch with one row";
+
+/// Reads the parameters a client binds: one row, in at most `max_bytes` of Arrow IPC (the
+/// statement's own limit, `sql.max_statement_bytes`: the values end up in the handle beside
+/// the SQL). Every message is checked before it is decoded ([`crate::ipc::check`]), and reading
+/// stops at the first message past a limit, so a client cannot make the node hold or
+/// decompress more than that.
+async fn read_parameters(input: PeekableFlightDataStream, max_bytes: usize) -> Result<RecordBatch> {
+    let too_big = move |n: usize| {
+        Error::invalid(
+            format!("the bound parameters are more than {n} bytes of Arrow data, over sql.max_statement_bytes = {max_bytes}"),
+            "bind smaller values (the parameters travel in the statement handle)",
+        )
+    };
+    let mut seen = 0usize;
+    let checked = input.map(move |m| {
+        let data = m.map_err(|s| FlightError::Tonic(Box::new(s)))?;
+        seen = seen.saturating_add(data.data_header.len() + data.data_body.len() + data.app_metadata.len());
+        if seen > max_bytes {
+            return Err(FlightError::ExternalError(Box::new(too_big(seen))));
+        }
+        crate::ipc::check(&data, max_bytes as u64).map_err(|why| {
+            FlightError::ExternalError(Box::new(Error::invalid(
+                format!("the bound parameters are refused: {why} (sql.max_statement_bytes = {max_bytes})"),
+                PARAMETERS_HINT,
+            )))
+        })?;
+        Ok(data)
+    });
+    let mut batches = FlightRecordBatchStream::new_from_flight_data(checked);
+    let mut row: Option<RecordBatch> = None;
+    let mut rows = 0usize;
+    while let Some(next) = batches.next().await {
+        let batch = next.map_err(|e| match e {
+            FlightError::ExternalError(inner) => match inner.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(other) => Error::invalid(format!("parameters are not a valid Arrow stream: {other}"), PARAMETERS_HINT),
+            },
+            other => Error::invalid(format!("parameters are not a valid Arrow stream: {other}"), PARAMETERS_HINT),
+        })?;
+        rows = rows.saturating_add(batch.num_rows());
+        if rows > 1 {
+            // Stop reading: the rest of the stream is not wanted.
+            return Err(Error::invalid(
+                "more than one parameter row was bound; exactly one row is supported",
+                "execute the statement once per set of parameters",
+            ));
+        }
+        if batch.num_rows() == 1 {
+            row = Some(batch);
+        }
+    }
+    row.ok_or_else(|| {
+        Error::invalid(
+            "0 parameter rows were bound; exactly one row is supported",
+            "execute the statement once per set of parameters",
+        )
+    })
+}
+
 /// Static server facts for CommandGetSqlInfo.
 fn sql_info() -> Result<SqlInfoData> {
     let mut b = SqlInfoDataBuilder::new();
@@ -554,24 +614,7 @@ impl FlightSqlService for SqlService {
     ) -> std::result::Result<DoPutPreparedStatementResult, Status> {
         let caller = status(self.authenticated(request.metadata(), audit::Action::SqlPrepare).await)?;
         let mut claim = status(self.open(&caller, &query.prepared_statement_handle))?;
-        let stream = FlightRecordBatchStream::new_from_flight_data(request.into_inner().map_err(FlightError::from));
-        let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| {
-            Status::from(Error::invalid(
-                format!("parameters are not a valid Arrow stream: {e}"),
-                "bind parameters as one Arrow record batch with one row",
-            ))
-        })?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let batch = match (rows, batches.into_iter().find(|b| b.num_rows() > 0)) {
-            (1, Some(b)) => b,
-            (n, _) => {
-                return Err(Error::invalid(
-                    format!("{n} parameter rows were bound; exactly one row is supported"),
-                    "execute the statement once per set of parameters",
-                )
-                .into());
-            }
-        };
+        let batch = status(read_parameters(request.into_inner(), self.node.sql.max_statement_bytes).await)?;
         claim.params = Some(status(encode_params(&batch))?);
         let handle = status(self.sign(&caller, claim, HANDLE_TTL_SECS))?;
         Ok(DoPutPreparedStatementResult {

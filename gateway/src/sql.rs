@@ -32,7 +32,7 @@ use datafusion::prelude::DataFrame;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::{Stream, StreamExt};
-use passerelle_policies::enforce::{EnforceCounters, GuardedTable, enforce_release, k_floor_scans};
+use passerelle_policies::enforce::{EnforceCounters, GuardedTable, check_fallible, enforce_release, k_floor_scans};
 use passerelle_policies::{Principal, Purpose, Role};
 use serde::{Deserialize, Serialize};
 
@@ -262,6 +262,8 @@ fn governed_state(
         .with_default_features()
         // No table functions: none reads data, and each would be a scan outside the gate.
         .with_table_functions(HashMap::new())
+        // Plans the barrier floors put between suppressed rows and the statement's expressions.
+        .with_query_planner(passerelle_policies::enforce::query_planner())
         .build();
     let catalog = MemoryCatalogProvider::new();
     catalog.register_schema(SCHEMA, schema)?;
@@ -358,6 +360,7 @@ pub async fn plan_sql(
             "shorten the statement",
         ));
     }
+    crate::nesting::check(sql, "statement")?;
     let touched = Arc::new(Mutex::new(Vec::new()));
     let schema = Arc::new(GovernedSchema {
         node: Arc::clone(node),
@@ -389,6 +392,7 @@ pub async fn plan_sql(
     let parameters = plan.get_parameter_fields()?;
     let plan = crate::federated_sql::push_aggregates(plan)?;
     let plan = k_floor_scans(enforce_release(plan)?)?;
+    check_fallible(&state, &plan)?;
     let df = DataFrame::new(state, plan);
     let schema = Arc::new(df.schema().as_arrow().clone());
     let touched = touched.lock().map(|t| t.clone()).unwrap_or_default();
@@ -471,6 +475,7 @@ impl QueryExecutor {
     pub fn new(threads: usize) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
+            .thread_stack_size(crate::nesting::THREAD_STACK_BYTES)
             .thread_name("passerelle-query")
             .enable_all()
             .build()

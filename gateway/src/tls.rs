@@ -10,7 +10,7 @@
 //! certificates and reloaded like the other files.
 //!
 //! ```text
-//!  TcpListener ─accept─► handshake task (10 s limit) ─► TlsConn{SslStream, PeerInfo} ─► tonic / axum
+//!  TcpListener ─accept─► handshake task (10 s, 256 at once) ─► TlsConn{SslStream, PeerInfo} ─► tonic / axum
 //!                                                          │
 //!  every request of the connection runs inside PEER.scope(cert identity) ─► Node::authenticate
 //! ```
@@ -228,7 +228,7 @@ fn default_reload_secs() -> u64 {
 
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once per listener; further connections wait in the kernel backlog.
+/// Handshakes in progress at once per listener (see [`accept_loop`]).
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// What a verified client certificate says about its holder.
@@ -504,21 +504,54 @@ impl tonic::transport::server::Connected for TlsConn {
     }
 }
 
+/// Handshakes in progress from one address; beyond, that address's oldest is dropped.
+const MAX_PENDING_PER_ADDRESS: usize = 64;
+
+/// Handshakes in progress, oldest first, each with the sender whose drop cancels it.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    tasks: std::collections::BTreeMap<u64, (std::net::IpAddr, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Pending {
+    /// Registers a handshake from `ip`, first dropping the oldest one of `ip` when it has
+    /// [`MAX_PENDING_PER_ADDRESS`], or the oldest of all at [`MAX_PENDING_HANDSHAKES`].
+    fn admit(&mut self, ip: std::net::IpAddr) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let mut same = self.tasks.iter().filter(|(_, (a, _))| *a == ip);
+        let evict = match same.clone().count() >= MAX_PENDING_PER_ADDRESS {
+            true => same.next().map(|(id, _)| *id),
+            false if self.tasks.len() >= MAX_PENDING_HANDSHAKES => self.tasks.keys().next().copied(),
+            false => None,
+        };
+        if let Some((old, _)) = evict.and_then(|id| self.tasks.remove(&id)) {
+            tracing::info!(remote = %old, "TLS handshake dropped for a newer connection (too many pending)");
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = self.next;
+        self.next += 1;
+        self.tasks.insert(id, (ip, tx));
+        (id, rx)
+    }
+}
+
 /// Accepts TCP connections and hands over finished TLS connections. Failed handshakes (no
 /// certificate, untrusted CA, expired, plain-text clients) are logged and dropped.
+///
+/// Handshakes are bounded in time ([`HANDSHAKE_TIMEOUT`]) and number: at most
+/// [`MAX_PENDING_HANDSHAKES`] in progress, [`MAX_PENDING_PER_ADDRESS`] from one address. A new
+/// connection past a bound replaces the oldest pending handshake instead of waiting for a slot,
+/// so connections that never send a ClientHello cannot keep a real client waiting: holding
+/// every slot would take that many new connections within one honest handshake's time.
 pub fn accept_loop(
     listener: TcpListener,
     acceptor: ReloadingAcceptor,
     mut shutdown: watch::Receiver<bool>,
 ) -> mpsc::Receiver<TlsConn> {
     let (tx, rx) = mpsc::channel(64);
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
     tokio::spawn(async move {
         loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&pending).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.changed() => break,
-            };
             let (tcp, remote) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -531,16 +564,26 @@ pub fn accept_loop(
                 },
                 _ = shutdown.changed() => break,
             };
+            let Ok((id, cancelled)) = pending.lock().map(|mut p| p.admit(remote.ip())) else {
+                break;
+            };
             let acceptor = acceptor.get();
             let tx = tx.clone();
+            let pending = Arc::clone(&pending);
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, tcp, remote)).await {
-                    Ok(Ok(conn)) => {
+                let outcome = tokio::select! {
+                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, tcp, remote)) => Some(r),
+                    // Dropped for a newer connection: the socket closes with this task.
+                    _ = cancelled => None,
+                };
+                let admitted = pending.lock().is_ok_and(|mut p| p.tasks.remove(&id).is_some());
+                match outcome {
+                    Some(Ok(Ok(conn))) if admitted => {
                         let _ = tx.send(conn).await;
                     }
-                    Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                    Some(Ok(Ok(_))) | None => {}
+                    Some(Ok(Err(e))) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
+                    Some(Err(_)) => tracing::info!(%remote, "TLS handshake timed out"),
                 }
             });
         }

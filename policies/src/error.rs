@@ -33,6 +33,12 @@ pub enum Error {
     /// The request is not allowed.
     #[error("access denied: {reason}")]
     AccessDenied { reason: String },
+    /// An expression evaluated before an aggregates-only dataset's groups are suppressed could
+    /// fail on a single row, and its failure would tell that the row exists.
+    #[error(
+        "dataset `{dataset}` is released as aggregates only, and {part} in this query could fail on a single row before small groups are suppressed (the failure would reveal that row); use comparisons, AND/OR/NOT, CASE, IN, LIKE, COALESCE, +, -, *, floating-point division and TRY_CAST in WHERE and GROUP BY"
+    )]
+    FallibleExpression { dataset: String, part: String },
     /// The raw source failed while streaming. The cause is logged, never sent: it may quote raw
     /// rows the caller may not see.
     #[error("reading dataset `{dataset}` failed; the operator can find the cause in the server log")]

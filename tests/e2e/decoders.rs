@@ -187,3 +187,100 @@ proptest! {
         }
     }
 }
+
+/// The raw DoPut of a prepared statement's parameters: the command, then the given messages.
+async fn bind_raw(
+    gw: &passerelle_tests::TestGateway,
+    messages: Vec<arrow_flight::FlightData>,
+) -> Result<Vec<arrow_flight::PutResult>, arrow_flight::error::FlightError> {
+    use arrow_flight::sql::{ActionCreatePreparedStatementRequest, CommandPreparedStatementQuery, ProstMessageExt};
+    use futures::TryStreamExt;
+    use prost::Message;
+    let mut client = gw
+        .client(Some(&gw.key("trainer-de")), Some("research/ai-training"))
+        .await
+        .unwrap();
+    let request = ActionCreatePreparedStatementRequest {
+        query: "SELECT count(*) AS n FROM demo_patients WHERE hba1c > $1".into(),
+        transaction_id: None,
+    };
+    let action = arrow_flight::Action::new("CreatePreparedStatement", request.as_any().encode_to_vec());
+    let result: Vec<_> = client.do_action(action).await?.try_collect().await?;
+    let any = arrow_flight::sql::Any::decode(result[0].clone()).unwrap();
+    let created: arrow_flight::sql::ActionCreatePreparedStatementResult = any.unpack().unwrap().unwrap();
+    let command = CommandPreparedStatementQuery {
+        prepared_statement_handle: created.prepared_statement_handle,
+    };
+    let mut messages = messages;
+    messages[0].flight_descriptor = Some(arrow_flight::FlightDescriptor::new_cmd(command.as_any().encode_to_vec()));
+    client
+        .do_put(futures::stream::iter(messages.into_iter().map(Ok)))
+        .await?
+        .try_collect()
+        .await
+}
+
+/// The schema message and one LZ4-compressed batch of `values` (one Float64 parameter column).
+fn lz4_parameters(values: Vec<f64>) -> Vec<arrow_flight::FlightData> {
+    use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+        "p",
+        arrow::datatypes::DataType::Float64,
+        false,
+    )]));
+    let batch = arrow::array::RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(arrow::array::Float64Array::from(values))],
+    )
+    .unwrap();
+    let options = IpcWriteOptions::default()
+        .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))
+        .unwrap();
+    let schema_message: arrow_flight::FlightData = arrow_flight::SchemaAsIpc::new(&schema, &options).into();
+    let (_, encoded) = IpcDataGenerator::default()
+        .encode(&batch, &mut DictionaryTracker::new(false), &options, &mut Default::default())
+        .unwrap();
+    vec![schema_message, encoded.into()]
+}
+
+/// A parameter batch whose LZ4 buffer claims 2^45 bytes uncompressed (a few bytes on the wire):
+/// arrow-ipc would allocate that much before decompressing, which aborts the process. It is
+/// refused before decoding, with INVALID_ARGUMENT naming the limit, and the node answers on.
+#[tokio::test]
+async fn a_parameter_buffer_claiming_2_pow_45_bytes_is_refused_before_allocation() {
+    let gw = passerelle_tests::TestGateway::start(500).await.unwrap();
+    // The honest compressed row binds.
+    bind_raw(&gw, lz4_parameters(vec![8.0])).await.unwrap();
+    let mut messages = lz4_parameters(vec![8.0]);
+    let header = arrow::ipc::root_as_message(&messages[1].data_header).unwrap();
+    let data = header
+        .header_as_record_batch()
+        .unwrap()
+        .buffers()
+        .unwrap()
+        .iter()
+        .find(|b| b.length() >= 8)
+        .unwrap();
+    let mut body = messages[1].data_body.to_vec();
+    let at = usize::try_from(data.offset()).unwrap();
+    body[at..at + 8].copy_from_slice(&(1i64 << 45).to_le_bytes());
+    messages[1].data_body = body.into();
+    let err = bind_raw(&gw, messages).await.unwrap_err();
+    assert_eq!(passerelle_tests::status_code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("35184372088832") && text.contains("sql.max_statement_bytes"), "{text}");
+    // Two rows: refused as soon as the second arrives.
+    let err = bind_raw(&gw, lz4_parameters(vec![1.0, 2.0])).await.unwrap_err();
+    assert!(err.to_string().contains("exactly one row"), "{err}");
+    // A buffer pointing outside the body: a clean error, not a panic.
+    let mut messages = lz4_parameters(vec![8.0]);
+    messages[1].data_body = messages[1].data_body.slice(0..4);
+    let err = bind_raw(&gw, messages).await.unwrap_err();
+    assert_eq!(passerelle_tests::status_code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    // The node still answers.
+    let mut sql = passerelle_tests::sql::sql_client(&gw, &gw.key("trainer-de"), "research/ai-training")
+        .await
+        .unwrap();
+    assert!(!passerelle_tests::sql::query(&mut sql, "SELECT count(*) FROM demo_patients").await.unwrap().is_empty());
+    gw.shutdown_and_wait().await.unwrap();
+}

@@ -11,7 +11,9 @@
 //! The gate reports `Unsupported` for every filter, so DataFusion places user predicates above
 //! it: no user expression is evaluated on a row the caller may not see.
 
+pub mod barrier;
 pub mod exec;
+pub mod fallible;
 pub mod grant;
 pub mod kernels;
 pub mod provider;
@@ -20,7 +22,9 @@ pub mod release;
 mod sha256x4;
 pub mod stream;
 
+pub use barrier::{ReleaseBarrier, ReleaseBarrierExec, query_planner};
 pub use exec::EnforceExec;
+pub use fallible::check_fallible;
 pub use grant::{ColumnAction, EnforceCounters, Grant};
 pub use provider::GuardedTable;
 pub use pseudonymise::Pseudonymiser;

@@ -27,7 +27,7 @@ use datafusion::logical_expr::{
     Aggregate, Expr, ExprFunctionExt, Filter, LogicalPlan, LogicalPlanBuilder, Projection, TableScan, col, lit,
 };
 
-use crate::enforce::GuardedTable;
+use crate::enforce::{GuardedTable, ReleaseBarrier};
 use crate::{ColumnClass, DatasetPolicy, Release};
 
 /// Name of the hidden per-combination row count of the k-anonymity floor.
@@ -208,10 +208,11 @@ fn protect(agg: &Aggregate, min: u32) -> Result<LogicalPlan> {
         Arc::new(LogicalPlan::Aggregate(counted)),
     )?;
     let columns: Vec<Expr> = agg.schema.columns().into_iter().map(Expr::Column).collect();
-    Ok(LogicalPlan::Projection(Projection::try_new(
+    // HAVING and everything else above sees only the groups that are released.
+    Ok(ReleaseBarrier::wrap(LogicalPlan::Projection(Projection::try_new(
         columns,
         Arc::new(LogicalPlan::Filter(kept)),
-    )?))
+    )?)))
 }
 
 /// Applies the aggregates-only rule to a statement's logical plan. Plans that touch no
@@ -284,9 +285,11 @@ pub fn k_floor(df: DataFrame, policy: &DatasetPolicy) -> Result<DataFrame> {
         .drop_columns(&[QI_ROWS])
 }
 
-/// Applies the k-anonymity floor at every scan of a dataset that has one (SQL). The floor then
-/// counts the dataset as released, before the statement's own filters; stewards who need a
-/// floor on every result use `release = "aggregates"`.
+/// Applies the k-anonymity floor at every scan of a dataset that has one (SQL, and plain Flight
+/// before a caller's filter). The floor then counts the dataset as released, before the
+/// statement's own filters, behind a [`ReleaseBarrier`] so that those filters are never
+/// evaluated on a suppressed row; stewards who need a floor on every result use
+/// `release = "aggregates"`.
 pub fn k_floor_scans(plan: LogicalPlan) -> Result<LogicalPlan> {
     Ok(plan
         .transform_up_with_subqueries(|node| {
@@ -309,7 +312,8 @@ pub fn k_floor_scans(plan: LogicalPlan) -> Result<LogicalPlan> {
                 .filter(col(QI_ROWS).gt_eq(lit(i64::from(k))))?
                 .project(columns)?
                 .build()?;
-            Ok(Transformed::yes(floored))
+            // The statement's own expressions see only rows above the floor.
+            Ok(Transformed::yes(ReleaseBarrier::wrap(floored)))
         })?
         .data)
 }
