@@ -60,7 +60,11 @@ pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
         // quadratic in the file's length.
         if record.len() != want {
             return Err(Error::invalid(
-                format!("line {}: expected {want} fields, found {}", line_of(&record), record.len()),
+                format!(
+                    "line {}: expected {want} fields, found {}",
+                    line_of(&record),
+                    record.len()
+                ),
                 HINT,
             ));
         }

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import DATASET, PURPOSE, Gateway, call_options, http, path_descriptor, pull, start_gateway, stop_process
 # imported under another name: pytest would collect a module-level `tests_*` function as a test
-from conftest import tests_location_config as location_config
+from conftest import declared_locations_config as location_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "gateway" / "src" / "openapi.json"
