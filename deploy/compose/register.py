@@ -4,7 +4,8 @@ Waits for the three nodes, uploads gw-it's demo Parquet to the S3 emulator, then
 federated dataset `eu_diabetes` through the node's REST API as its steward (steward-fr of aphp, the controller of
 the demo data): diabetes_fr (local files), diabetes_de (local files), diabetes_it (s3://eu-lake/diabetes_it/ through
 the store `lake`, hba1c dropped). dkfz holds permits for research/ai-training at gw-fr and gw-de, not at gw-it.
-Re-running is harmless (409 on what exists).
+Each part lies inside a storage location setup.sh declares for aphp (the node's demo data; gw-it's bucket eu-lake,
+read through `lake`): without one, a steward's registration is refused. Re-running is harmless (409 on what exists).
 
 Environment (defaults are the compose network's): FED (/fed), S3_ENDPOINT (http://s3:5000),
 REST_URLS ("gw-fr=https://gw-fr:8080 gw-de=https://gw-de:8080 gw-it=https://gw-it:8080").

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot setup of deploy/compose.yaml (the `setup` service; also runnable on a host, see the environment below):
 # the demo PKI, each node's Ed25519 key (created on first use) and each node's configuration, naming the two other
-# nodes as peers with their keys. Idempotent: keys and certificates are kept when they exist.
+# nodes as peers with their keys, and the storage locations each node's datasets may be registered from (the demo's
+# own data, controller aphp; gw-it's S3 bucket too). Idempotent: keys and certificates are kept when they exist.
 #
 # Environment (defaults are the compose network's):
 #   FED          shared directory (volume) for certificates, configurations and data   /fed
@@ -58,7 +59,18 @@ for n in "${NODES[@]}"; do
     echo
     echo "[federation]"
     echo "advertise_flight_url = \"${ADV[$n]}\""
+    echo
+    echo "# Where aphp's datasets may be registered from: the demo's own data."
+    echo "[locations.demo]"
+    echo "url = \"file://$FED/$n/data/demo/\""
+    echo "controllers = [\"aphp\"]"
     if [ "$n" = gw-it ]; then
+      echo
+      echo "# and gw-it's part, in the S3 bucket eu-lake, read through the store lake."
+      echo "[locations.eu-lake]"
+      echo "url = \"s3://eu-lake/\""
+      echo "controllers = [\"aphp\"]"
+      echo "store = \"lake\""
       echo
       echo "# gw-it keeps its part in an S3-compatible object store (the emulator of the compose file)."
       echo "[stores.lake]"

@@ -56,17 +56,22 @@ pub fn parse_csv(text: &str) -> Result<Vec<ConsentEvent>> {
         if record.len() == 1 && record[0].trim().is_empty() {
             continue; // a blank line
         }
-        let line = line_of(&record);
+        // The line is counted on the error path only: counting it for every record is
+        // quadratic in the file's length.
         if record.len() != want {
             return Err(Error::invalid(
-                format!("line {line}: expected {want} fields, found {}", record.len()),
+                format!(
+                    "line {}: expected {want} fields, found {}",
+                    line_of(&record),
+                    record.len()
+                ),
                 HINT,
             ));
         }
         let expiry = if with_expiry { Some(&record[4]) } else { None };
         events.push(
             ConsentEvent::parse_with_expiry(&record[0], &record[1], &record[2], &record[3], expiry)
-                .map_err(|e| Error::invalid(format!("line {line}: {e}"), HINT))?,
+                .map_err(|e| Error::invalid(format!("line {}: {e}", line_of(&record)), HINT))?,
         );
     }
     Ok(events)

@@ -585,7 +585,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
 TEST_CONTROLLERS = ("aphp", "evil")
 
 
-def tests_location_config(base: Path, root: Path, controllers: Iterable[str] = TEST_CONTROLLERS) -> Path:
+def declared_locations_config(base: Path, root: Path, controllers: Iterable[str] = TEST_CONTROLLERS) -> Path:
     """A configuration declaring one storage location, `root` (a directory the tests write datasets under), for
     `controllers`: REST registration by stewards needs a declared location naming the dataset's controller."""
     cfg = base / "locations.toml"
@@ -596,7 +596,7 @@ def tests_location_config(base: Path, root: Path, controllers: Iterable[str] = T
 
 def _gateway_fixture(binary: Path, tmp_path_factory: pytest.TempPathFactory, name: str):
     base = tmp_path_factory.mktemp(name)
-    gw = start_gateway(binary, base / "data", config=tests_location_config(base, tmp_path_factory.getbasetemp()))
+    gw = start_gateway(binary, base / "data", config=declared_locations_config(base, tmp_path_factory.getbasetemp()))
     try:
         yield gw
     finally:

@@ -10,6 +10,8 @@ gateway's configuration:
                      access_key_id = "passerelle" (the account), secret_access_key = "env:BLOB_KEY"
     [stores.wrong]   the same with another well-formed (base64, 64 bytes) literal key
     [stores.garbled] the same with a literal key that is not base64
+    [locations.*]    for controller aphp: az://lake/, az://visits/ and az://no-such-container/ through `lake`,
+                     az://guarded/ through `wrong`, az://garbled/ through `garbled` (one container, one store)
 
 Manifests are the demo's with another name, an `az://container/path` (or `abfs://`) location and `store = "lake"`,
 so the helpers and the reference model of test_s3.py apply: `lake` here is a `BlobLake`, which has what those helpers
@@ -41,8 +43,9 @@ import pytest
 from conftest import PURPOSE, Gateway, http, start_gateway, stop_process
 from test_http_store import TRACE_RE
 from test_s3 import (ACCESS_DENIED_RE, BUCKET_MISSING_RE, STORAGE_REFUSAL, Local, _free_port, assert_equals_local,
-                     assert_not_registered, check_csv_visits, cli_register, manifest, manifest_toml, parquet_bytes,
-                     permit_and_wait, pull_dataset, refusal, register, register_ok, registered_names)
+                     assert_location_refused, assert_not_registered, check_csv_visits, cli_register, locations_toml,
+                     manifest, manifest_toml, parquet_bytes, permit_and_wait, pull_dataset, refusal, register,
+                     register_ok, registered_names)
 from test_s3 import local  # noqa: F401 - test_s3's fixture (the local demo pull), here over this module's `lake`
 
 ACCOUNT = "passerelle"
@@ -199,10 +202,16 @@ class BlobLake:
         return sorted(set(out))
 
 
+# The containers of the tests, each a storage location of aphp's, with the store that location names.
+CONTAINERS = {CONTAINER: "lake", "visits": "lake", "no-such-container": "lake", "guarded": "wrong",
+              "garbled": "garbled"}
+
+
 def store_config(az: Azurite) -> str:
     common = f'kind = "azure"\nendpoint = "{az.account_url}"\naccess_key_id = "{ACCOUNT}"\nallow_http = true\n' \
              f'timeout_secs = 10\n'
-    return (f"# object stores of the Azure end-to-end tests (test_azure.py)\n"
+    return (locations_toml({f"az://{c}/": store for c, store in CONTAINERS.items()}) + "\n"
+            f"# object stores of the Azure end-to-end tests (test_azure.py)\n"
             f"[stores.lake]\n{common}secret_access_key = \"env:BLOB_KEY\"\n\n"
             f"[stores.wrong]\n{common}secret_access_key = \"{WRONG_KEY}\"\n\n"
             f"[stores.garbled]\n{common}secret_access_key = \"{GARBLED_KEY}\"\n")
@@ -283,9 +292,11 @@ def test_csv_on_azure(lake: BlobLake, local: Local):
 # ======================================================================================================================
 
 def test_wrong_account_key_is_refused_cleanly_then_the_right_store_reads(lake: BlobLake, tmp_path: Path):
-    """A container of its own (one container is read through one store only). Azurite answers the wrong key's
-    signature with 403: the registration is refused (REST and CLI) saying access was denied, with no secret, trace
-    or XML anywhere; nothing is registered; then the same location registers through the right store."""
+    """A container of its own, declared as a location read through `wrong` (one container, one store). Azurite
+    answers the wrong key's signature with 403: the registration is refused (REST and CLI) saying access was denied,
+    with no secret, trace or XML anywhere; nothing is registered. The right store may not read that location (a
+    location is read only through the store it names): the location refusal. And a refusal leaves no trace: the
+    wrong store named for a location of `lake` is refused before any request, then the right store registers it."""
     container, name = "guarded", "blob_guarded"
     location = f"az://{container}/patients/"
     lake.azurite.create_container(container)
@@ -313,15 +324,28 @@ def test_wrong_account_key_is_refused_cleanly_then_the_right_store_reads(lake: B
         assert_no_secret(lake, r.text, f"a listing as {who}")
     assert_no_secret(lake, lake.gw.log_path.read_text(errors="replace"), "the server's log")
 
-    register_ok(lake, manifest(lake, name, location))
+    assert_location_refused(register(lake, manifest(lake, name, location)), location)
+    assert_not_registered(lake, name, before)
+
+    retry = f"az://{CONTAINER}/guarded/"
+    lake.azurite.put(CONTAINER, "guarded/patients.parquet", lake.gw.reference.parquet_path.read_bytes())
+    resp = register(lake, manifest(lake, name, retry, store="wrong"))
+    assert_clean(lake, resp.text, "the location refusal")
+    assert_location_refused(resp, retry)
+    assert_not_registered(lake, name, before)
+    register_ok(lake, manifest(lake, name, retry))
     assert pull_dataset(lake, name).num_rows == len(lake.gw.reference.consented_rows(PURPOSE))
     lake.gw.assert_alive()
 
 
 def test_key_that_is_not_base64_is_refused_naming_the_store(lake: BlobLake):
+    """A container whose location names `garbled`; through that store on `lake`'s container, the location refusal."""
     name = "blob_garbled"
     before = registered_names(lake)
-    resp = register(lake, manifest(lake, name, f"az://{CONTAINER}/patients/", store="garbled"))
+    elsewhere = f"az://{CONTAINER}/patients/"
+    assert_location_refused(register(lake, manifest(lake, name, elsewhere, store="garbled")), elsewhere)
+    assert_not_registered(lake, name, before)
+    resp = register(lake, manifest(lake, name, "az://garbled/patients/", store="garbled"))
     assert_clean(lake, resp.text, "the refusal")
     text = refusal(resp, {400, *STORAGE_REFUSAL})
     assert "garbled" in text, f"the refusal should name the store: {text!r}"

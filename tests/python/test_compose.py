@@ -100,7 +100,11 @@ def test_setup_writes_peers_with_keys_and_gw_it_reads_s3(composed):
         config = (fed / n / "passerelle.toml").read_text()
         assert f'node_id = "{n}"' in config and "[tls]" in config, config
         assert sum(f"[peers.{p}]" in config for p in NODES if p != n) == 2, config
-    assert "[stores.lake]" in (fed / "gw-it" / "passerelle.toml").read_text()
+        # each node's demo data is a storage location of aphp's, where its steward registers the node's part
+        assert f'[locations.demo]\nurl = "file://{fed}/{n}/data/demo/"\ncontrollers = ["aphp"]' in config, config
+    it = (fed / "gw-it" / "passerelle.toml").read_text()
+    assert "[stores.lake]" in it
+    assert '[locations.eu-lake]\nurl = "s3://eu-lake/"\ncontrollers = ["aphp"]\nstore = "lake"' in it, it
     assert "diabetes_it at gw-it (IT) via S3" in composed["register"], composed["register"]
 
 

@@ -13,6 +13,8 @@ gateway is pointed at the emulator the way object_store documents it, with a ser
     [stores.lake]     kind = "gcs", service_account_path = <that file>, allow_http = true
     [stores.opts]     kind = "gcs", endpoint = <emulator>, options = { google_skip_signature = "true" }
     [stores.nofile]   kind = "gcs", service_account_path = a file that does not exist
+    [locations.*]     for controller aphp: gs://lake/, gs://visits/ and gs://no-such-bucket/ through `lake`,
+                      gs://by-options/ through `opts`, gs://nofile/ through `nofile` (one bucket, one store)
 
 Manifests are the demo's with another name, a `gs://bucket/path` location and `store = "lake"`, so the helpers and the
 reference model of test_s3.py apply (`lake` here is a `GcsLake` with what they use), and test_s3's `local` fixture
@@ -38,9 +40,9 @@ import pytest
 
 from conftest import PURPOSE, Gateway, http, start_gateway, stop_process
 from test_http_store import TRACE_RE
-from test_s3 import (STORAGE_REFUSAL, Local, _free_port, assert_equals_local, assert_not_registered, check_csv_visits,
-                     cli_register, manifest, manifest_toml, parquet_bytes, permit_and_wait, pull_dataset, refusal,
-                     register, register_ok, registered_names)
+from test_s3 import (STORAGE_REFUSAL, Local, _free_port, assert_equals_local, assert_location_refused,
+                     assert_not_registered, check_csv_visits, cli_register, locations_toml, manifest, manifest_toml,
+                     parquet_bytes, permit_and_wait, pull_dataset, refusal, register, register_ok, registered_names)
 from test_s3 import local  # noqa: F401 - test_s3's fixture (the local demo pull), here over this module's `lake`
 
 BUCKET = "lake"
@@ -168,8 +170,13 @@ class GcsLake:
         return [marker, urllib.parse.quote(marker, safe="")]
 
 
+# The buckets of the tests, each a storage location of aphp's, with the store that location names.
+GCS_BUCKETS = {BUCKET: "lake", "visits": "lake", "no-such-bucket": "lake", "by-options": "opts", "nofile": "nofile"}
+
+
 def store_config(gcs: FakeGcs, account_file: Path, missing: Path) -> str:
-    return f"""# object stores of the GCS end-to-end tests (test_gcs.py)
+    return locations_toml({f"gs://{b}/": store for b, store in GCS_BUCKETS.items()}) + f"""
+# object stores of the GCS end-to-end tests (test_gcs.py)
 [stores.lake]
 kind = "gcs"
 service_account_path = "{account_file}"
@@ -273,9 +280,13 @@ def test_store_configured_by_options_only(lake: GcsLake):
 # ======================================================================================================================
 
 def test_unreadable_service_account_file_is_refused_naming_the_store(lake: GcsLake):
+    """A bucket whose location names `nofile`; through that store on `lake`'s bucket, the location refusal."""
     name = "gcs_nofile"
     before = registered_names(lake)
-    resp = register(lake, manifest(lake, name, f"gs://{BUCKET}/patients/", store="nofile"))
+    elsewhere = f"gs://{BUCKET}/patients/"
+    assert_location_refused(register(lake, manifest(lake, name, elsewhere, store="nofile")), elsewhere)
+    assert_not_registered(lake, name, before)
+    resp = register(lake, manifest(lake, name, "gs://nofile/patients/", store="nofile"))
     assert_clean(lake, resp.text, "the refusal")
     text = refusal(resp, {400, *STORAGE_REFUSAL})
     assert "nofile" in text, f"the refusal should name the store: {text!r}"

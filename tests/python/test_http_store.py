@@ -8,6 +8,10 @@ temporary directory under `/data/` with HEAD and single-range GET (206 + Content
 satisfy), answers any other method (e.g. WebDAV's PROPFIND, which object_store uses to list) with 405 as a plain web
 server does, and logs every request so the tests can check that ranged reads were used.
 
+The configuration declares the two web servers' `/data/` as storage locations of controller aphp read through
+`web` (a dataset registers only inside a location naming its controller and store), so the store reaches nothing
+else: another path, port or host is refused before any request.
+
 Manifests are the demo's (`demo/demo_patients.toml` of the gateway's data dir: controller aphp, consent registry
 `aphp-patients`, the demo's column classes) with another name, `store = "web"` and an `http://127.0.0.1:PORT/...`
 location. The file served is the demo's own `demo/patients/patients.parquet`, byte for byte, so trainer-de (org
@@ -253,6 +257,17 @@ def web(tmp_path_factory) -> RangeServer:
         stop_range_server(server, thread)
 
 
+@pytest.fixture(scope="module")
+def web2(tmp_path_factory) -> RangeServer:
+    """A second web server on the same host, another port: declared as a location of its own when the gateway
+    starts, and first read by test_a_second_web_server_on_another_port_reads_through_the_same_store."""
+    server, thread = start_range_server(tmp_path_factory.mktemp("second-root"))
+    try:
+        yield server
+    finally:
+        stop_range_server(server, thread)
+
+
 # ======================================================================================================================
 # The gateway with [stores.web]
 # ======================================================================================================================
@@ -262,6 +277,13 @@ STORE_CONFIG = """# the object store of the HTTP end-to-end tests (test_http_sto
 kind = "http"
 allow_http = true
 """
+LOCATION_REFUSED_RE = re.compile(r"location `[^`]*` is not available for registration")
+
+
+def locations_config(*servers: RangeServer) -> str:
+    """Each server's `/data/` a storage location of aphp's, read through `web`."""
+    return "".join(f'[locations.web{i}]\nurl = "{srv.base}/data/"\ncontrollers = ["aphp"]\nstore = "web"\n\n'
+                   for i, srv in enumerate(servers))
 
 
 @dataclass
@@ -294,10 +316,10 @@ class Web:
 
 
 @pytest.fixture(scope="module")
-def webgw(passerelle_bin: Path, web: RangeServer, tmp_path_factory) -> Web:
+def webgw(passerelle_bin: Path, web: RangeServer, web2: RangeServer, tmp_path_factory) -> Web:
     base = tmp_path_factory.mktemp("http-gateway")
     config = base / "passerelle.toml"
-    config.write_text(STORE_CONFIG)
+    config.write_text(locations_config(web, web2) + STORE_CONFIG)
     gw = start_gateway(passerelle_bin, base / "data", config=config)
     try:
         yield Web(gw, web, config)
@@ -457,24 +479,53 @@ def test_file_removed_after_registration_fails_cleanly(webgw: Web, web_patients:
 
 
 def test_a_second_web_server_on_another_port_reads_through_the_same_store(webgw: Web, web_patients: str,
-                                                                         tmp_path: Path):
-    """`[stores.web]` reads any http:// URL; a second server on the same host but another port (two web servers on
-    one machine) is another origin and must be read too, not only registered. The first server is in use already
-    (web_patients), so the store's client for 127.0.0.1 exists when the second port is met."""
+                                                                         web2: RangeServer):
+    """`[stores.web]` reads the http:// locations that name it; a second server on the same host but another port
+    (two web servers on one machine, each declared) is another origin and must be read too, not only registered. The
+    first server is in use already (web_patients), so the store's client for 127.0.0.1 exists when the second port
+    is met."""
     assert pull_dataset(webgw, web_patients).num_rows == webgw.local().num_rows
-    root = tmp_path / "second-root"
+    other = Web(webgw.gw, web2, webgw.config, webgw._local)
+    assert web2.server_address[1] != webgw.server.server_address[1]
+    name = "web_second_port"
+    register_ok(other, name, other.publish("patients.parquet"))
+    table = pull_dataset(other, name)
+    assert_same_multiset(full_rows(table), full_rows(webgw.local()),
+                         "the second server's dataset vs the local demo_patients, whole rows")
+    assert [r for r in web2.requests("/data/patients.parquet") if r.status == 206], \
+        f"the second server saw no ranged GET: {web2.requests()}"
+    webgw.gw.assert_alive()
+
+
+def test_the_store_reaches_only_its_declared_locations(webgw: Web, web_patients: str, tmp_path: Path):
+    """No server-side request forgery through the `http` store: a URL outside the declared `/data/` bases (another
+    path of the same server, a `..` out of `/data/`, an undeclared port of the same host, another spelling of the
+    host) is refused with the location refusal, or as a malformed location, before any request; the servers see
+    nothing of it and nothing is registered."""
+    shutil.copyfile(webgw.gw.reference.parquet_path, webgw.server.root / "secret.parquet")
+    root = tmp_path / "third-root"
     root.mkdir()
-    server, thread = start_range_server(root)
+    third, thread = start_range_server(root)
     try:
-        other = Web(webgw.gw, server, webgw.config, webgw._local)
-        assert server.server_address[1] != webgw.server.server_address[1]
-        name = "web_second_port"
-        register_ok(other, name, other.publish("patients.parquet"))
-        table = pull_dataset(other, name)
-        assert_same_multiset(full_rows(table), full_rows(webgw.local()),
-                             "the second server's dataset vs the local demo_patients, whole rows")
-        assert [r for r in server.requests("/data/patients.parquet") if r.status == 206], \
-            f"the second server saw no ranged GET: {server.requests()}"
+        shutil.copyfile(webgw.gw.reference.parquet_path, root / "patients.parquet")
+        port = webgw.server.server_address[1]
+        seen = len(webgw.server.requests())
+        before = registered_names(webgw)
+        outside = [f"{webgw.server.base}/secret.parquet", f"{webgw.server.base}/other/data/patients.parquet",
+                   third.url("patients.parquet"), f"http://localhost:{port}/data/patients.parquet",
+                   f"https://127.0.0.1:{port}/data/patients.parquet"]
+        for url in outside:
+            resp = register(webgw, manifest(webgw, "web_outside", url))
+            body = assert_json_error(resp, 400)
+            assert LOCATION_REFUSED_RE.search(body["error"]), f"{url}: expected the location refusal: {body}"
+        for url in (f"{webgw.server.base}/data/../secret.parquet", f"{webgw.server.base}/data/%2e%2e/secret.parquet"):
+            resp = register(webgw, manifest(webgw, "web_outside", url))
+            body = assert_json_error(resp, 400)
+            assert_short_clean(f"{body['error']} {body['hint']}", f"the refusal of {url}")
+        assert third.requests() == [], f"an undeclared origin was requested: {third.requests()}"
+        assert webgw.server.requests()[seen:] == [], \
+            f"a refused location was requested: {webgw.server.requests()[seen:]}"
+        assert registered_names(webgw) == before, "a refused registration changed `dataset list`"
     finally:
-        stop_range_server(server, thread)
+        stop_range_server(third, thread)
     webgw.gw.assert_alive()

@@ -29,6 +29,8 @@ import pyarrow.flight as flight
 import pytest
 
 from conftest import DATASET, PURPOSE, Gateway, call_options, http, path_descriptor, pull, start_gateway, stop_process
+# imported under another name: pytest would collect a module-level `tests_*` function as a test
+from conftest import declared_locations_config as location_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "gateway" / "src" / "openapi.json"
@@ -62,7 +64,10 @@ def csv_manifest(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def api_gateway(passerelle_bin: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("openapi")
-    gw = start_gateway(passerelle_bin, base / "data", demo_rows=2000)
+    # The steward registers its CSV under `people/`, declared a storage location of aphp's.
+    (base / "people").mkdir()
+    config = location_config(base, base / "people", ["aphp"])
+    gw = start_gateway(passerelle_bin, base / "data", demo_rows=2000, config=config)
     try:
         _populate(gw, base)
         yield gw
@@ -95,7 +100,6 @@ def _populate(gw: Gateway, base: Path) -> None:
         cur.execute(f"SELECT diagnosis, count(*) FROM {DATASET} WHERE hba1c > $1 GROUP BY 1", parameters=(8.0,))
         cur.fetch_arrow_table()
     data = base / "people"
-    data.mkdir()
     (data / "people.csv").write_text(CSV_TEXT)
     resp = http("POST", gw.url("/api/v1/datasets"), key=gw.keys["steward-fr"], body=csv_manifest(data / "people.csv"))
     assert resp.status == 201, resp.text[:1000]

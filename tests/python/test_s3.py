@@ -11,6 +11,9 @@ with `0`). From then on every S3 request must be signed with that user's key, as
     [stores.lake]    kind = "s3", endpoint = moto, that key id, secret_access_key = "env:LAKE_SECRET"
                      (LAKE_SECRET holds the user's secret in the gateway's environment only)
     [stores.wrong]   the same, with the literal secret "not-the-secret-xyz"
+    [locations.*]    one per bucket the tests use, for controller aphp: `lake-guarded` read through `wrong`, every
+                     other bucket through `lake` (a dataset registers only inside a location naming its controller
+                     and read through the store that location names; one bucket, one store)
 
 moto's `/moto-api/reset` would also delete the IAM user (and so lock every client out), so it is never used: each
 test works in a bucket of its own.
@@ -72,6 +75,13 @@ AUDIT_DEADLINE = 15.0
 STORAGE_REFUSAL = {400, 403, 404, 422, 502, 503}
 ACCESS_DENIED_RE = re.compile(r"access denied|denied|credential|signature|forbidden|unauthori[sz]ed|"
                               r"not authori[sz]ed|permission", re.I)
+# The one refusal of a dataset outside the caller's storage locations (or read through a store its location does
+# not name), whatever the reason.
+LOCATION_REFUSED_RE = re.compile(r"location `[^`]*` is not available for registration")
+# The buckets of the tests, each a storage location of aphp's, with the store that location names.
+LAKE_BUCKETS = {LAKE_BUCKET: "lake", "lake-csv": "lake", "lake-csv-dialect": "lake", "lake-hive": "lake",
+                "lake-many": "lake", "lake-mixed": "lake", "lake-retry": "lake", "lake-vanish": "lake",
+                "no-such-bucket-passerelle": "lake", "lake-guarded": "wrong"}
 BUCKET_MISSING_RE = re.compile(r"bucket.*(not found|does not exist|no such)|no ?such ?bucket|not found|"
                                r"does not exist|cannot be read|can't be read|could not be read|cannot read|"
                                r"unreadable", re.I)
@@ -204,7 +214,28 @@ class Lake:
         return sorted(set(out))
 
 
+def locations_toml(urls: dict[str, str | None], controllers: Iterable[str] = ("aphp",)) -> str:
+    """`[locations.*]` sections, one per URL (a prefix) read through its store (None for a file location)."""
+    names = ", ".join(json.dumps(c) for c in controllers)
+    out = []
+    for i, (url, store) in enumerate(urls.items()):
+        out.append(f'[locations.loc{i}]\nurl = "{url}"\ncontrollers = [{names}]\n'
+                   + (f'store = "{store}"\n' if store is not None else ""))
+    return "\n".join(out)
+
+
+def assert_location_refused(resp: HttpResponse, location: str) -> None:
+    """The location refusal (HTTP 400): one message whatever the reason, which names no store."""
+    body = assert_json_error(resp, 400)
+    assert LOCATION_REFUSED_RE.search(body["error"]), f"expected the location refusal for {location}: {body}"
+
+
 def store_config(m: Moto) -> str:
+    """The gateway's configuration: a location per bucket of the tests, and the stores."""
+    return locations_toml({f"s3://{b}/": store for b, store in LAKE_BUCKETS.items()}) + "\n" + stores_toml(m)
+
+
+def stores_toml(m: Moto) -> str:
     return f"""# object stores of the S3 end-to-end tests (test_s3.py)
 [stores.lake]
 kind = "s3"
@@ -320,10 +351,11 @@ def register(lake: Lake, body: dict[str, Any]) -> HttpResponse:
     return http("POST", lake.gw.url("/api/v1/datasets"), key=lake.steward, body=body)
 
 
-def cli_register(lake: Lake, manifest_path: Path) -> subprocess.CompletedProcess:
-    """`passerelle --data-dir D dataset register --manifest F --config C`, with the gateway's environment."""
+def cli_register(lake: Lake, manifest_path: Path, config: Path | None = None) -> subprocess.CompletedProcess:
+    """`passerelle --data-dir D dataset register --manifest F --config C` (C the gateway's configuration unless
+    given), with the gateway's environment."""
     cmd = [str(lake.gw.bin), "--data-dir", str(lake.gw.data_dir), "dataset", "register", "--manifest",
-           str(manifest_path), "--config", str(lake.config)]
+           str(manifest_path), "--config", str(config or lake.config)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL,
                           env=lake.env)
 
@@ -676,13 +708,17 @@ def test_files_of_different_schemas_are_refused(lake: Lake, case: str):
 # ======================================================================================================================
 
 def test_wrong_credentials_are_refused_and_no_secret_leaks(lake: Lake, lake_patients: str, tmp_path: Path):
-    """A bucket of its own: the gateway reads one bucket through one store only (it refuses a second store for
-    `passerelle-lake`, which `lake` already reads, before any request), so the wrong secret must meet S3 here."""
+    """A bucket of its own, declared as a location read through `wrong` (one bucket, one store: a location is read
+    only through the store it names, so the wrong secret can meet S3 only here)."""
     name, bucket = "lake_wrong", "lake-guarded"
     location = f"s3://{bucket}/patients/"
     new_bucket(lake, bucket)
     put(lake, bucket, "patients/patients.parquet", lake.gw.reference.parquet_path.read_bytes())
     before = registered_names(lake)
+
+    # Through a store its location does not name (even the right credentials): the location refusal, before S3.
+    assert_location_refused(register(lake, manifest(lake, name, location, store="lake")), location)
+    assert_not_registered(lake, name, before)
 
     # REST
     resp = register(lake, manifest(lake, name, location, store="wrong"))
@@ -720,15 +756,17 @@ def test_wrong_credentials_are_refused_and_no_secret_leaks(lake: Lake, lake_pati
 
 
 def test_a_refusal_leaves_no_trace_the_right_store_then_reads_the_bucket(lake: Lake):
-    """A registration refused for wrong credentials must not leave the bucket bound to the wrong store: the same
-    location then registers through the right store (a steward's typo must not lock a bucket until a restart)."""
+    """A registration refused for naming the wrong store must not leave the bucket bound to that store: the same
+    location then registers through the right store (a steward's typo must not lock a bucket until a restart). The
+    bucket's location names `lake`, so the typo meets the location refusal before any request to S3."""
     bucket = "lake-retry"
     location = f"s3://{bucket}/patients/"
     new_bucket(lake, bucket)
     put(lake, bucket, "patients/patients.parquet", lake.gw.reference.parquet_path.read_bytes())
     before = registered_names(lake)
-    text = refusal(register(lake, manifest(lake, "lake_retry", location, store="wrong")), STORAGE_REFUSAL)
-    assert ACCESS_DENIED_RE.search(text), text
+    resp = register(lake, manifest(lake, "lake_retry", location, store="wrong"))
+    assert_location_refused(resp, location)
+    assert_no_secret(lake, resp.text, "the refusal")
     assert_not_registered(lake, "lake_retry", before)
     register_ok(lake, manifest(lake, "lake_retry", location))
     assert pull_dataset(lake, "lake_retry").num_rows == len(lake.gw.reference.consented_rows(PURPOSE))
@@ -758,13 +796,29 @@ def test_missing_bucket_is_refused(lake: Lake):
     assert_not_registered(lake, name, before)
 
 
-def test_unknown_store_is_refused_by_name(lake: Lake):
+def test_unknown_store_is_refused_by_name(lake: Lake, tmp_path: Path):
+    """A steward naming a store no location names gets the location refusal (one message, naming no store). The
+    operator's CLI names the unknown store: with a configuration declaring no location (it may then register
+    anywhere outside the data dir) when the manifest names it, and in a configuration whose location names it."""
     name = "lake_nostore"
+    location = f"s3://{LAKE_BUCKET}/patients/"
     before = registered_names(lake)
-    resp = register(lake, manifest(lake, name, f"s3://{LAKE_BUCKET}/patients/", store="nowhere-store"))
-    text = refusal(resp, {400})
-    assert "nowhere-store" in text, f"the refusal should name the unknown store: {text!r}"
+    assert_location_refused(register(lake, manifest(lake, name, location, store="nowhere-store")), location)
     assert_not_registered(lake, name, before)
+
+    # A bucket no dataset reads yet (else the CLI would first say the bucket is read through another store).
+    path = tmp_path / f"{name}.toml"
+    path.write_text(manifest_toml(lake, name, "s3://lake-nostore/patients/", "nowhere-store"))
+    stores_only = tmp_path / "stores-only.toml"
+    stores_only.write_text(stores_toml(lake.moto))
+    bad_location = tmp_path / "bad-location.toml"
+    bad_location.write_text(locations_toml({"s3://lake-nostore/": "nowhere-store"}) + "\n" + stores_toml(lake.moto))
+    for config in (stores_only, bad_location):
+        proc = cli_register(lake, path, config)
+        assert proc.returncode != 0, f"the CLI registered through an unknown store: {proc.stdout[:500]}"
+        assert "nowhere-store" in proc.stderr, f"the refusal should name the unknown store: {proc.stderr[-1500:]!r}"
+        assert_no_secret(lake, proc.stdout + proc.stderr, "the CLI's refusal")
+        assert_not_registered(lake, name, before)
 
 
 # ======================================================================================================================
