@@ -336,7 +336,10 @@ mod tests {
     #[test]
     fn fallible_expressions_are_named_without_their_literals() {
         for (sql, part) in [
-            ("1/(CASE WHEN s = 'secret' THEN 0 ELSE 1 END) = 1", "`/` on Int64 and Int64"),
+            (
+                "1/(CASE WHEN s = 'secret' THEN 0 ELSE 1 END) = 1",
+                "`/` on Int64 and Int64",
+            ),
             ("i / 0 = 1", "`/`"),
             ("i / -1 = 1", "`/`"),
             ("i % i = 0", "`%`"),
@@ -364,6 +367,9 @@ mod tests {
         assert!(infallible_cast(&T::Int64, &T::Utf8));
         assert!(!infallible_cast(&T::Utf8, &T::Int64));
         assert!(!infallible_cast(&T::Binary, &T::Utf8));
-        assert!(!infallible_cast(&T::Date32, &T::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None)));
+        assert!(!infallible_cast(
+            &T::Date32,
+            &T::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None)
+        ));
     }
 }
