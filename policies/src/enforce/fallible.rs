@@ -204,6 +204,8 @@ pub fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
         let why = match e {
             Expr::Column(_)
             | Expr::Literal(..)
+            | Expr::Placeholder(_)
+            | Expr::ScalarVariable(..)
             | Expr::Alias(_)
             | Expr::Not(_)
             | Expr::IsNull(_)
@@ -259,29 +261,14 @@ pub fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
 
 fn binary(b: &BinaryExpr, schema: &DFSchema) -> Option<String> {
     use Operator as O;
+    if always_safe(b.op) {
+        return None;
+    }
     let types = (b.left.get_type(schema), b.right.get_type(schema));
     let (Ok(lt), Ok(rt)) = types else {
         return Some(format!("`{}`", b.op));
     };
     match b.op {
-        O::Eq
-        | O::NotEq
-        | O::Lt
-        | O::LtEq
-        | O::Gt
-        | O::GtEq
-        | O::IsDistinctFrom
-        | O::IsNotDistinctFrom
-        | O::And
-        | O::Or
-        | O::LikeMatch
-        | O::ILikeMatch
-        | O::NotLikeMatch
-        | O::NotILikeMatch
-        | O::StringConcat
-        | O::BitwiseAnd
-        | O::BitwiseOr
-        | O::BitwiseXor => None,
         O::Plus | O::Minus | O::Multiply if is_int_or_float(&lt) && is_int_or_float(&rt) => None,
         O::Divide | O::Modulo if is_float(&lt) || is_float(&rt) => None,
         O::Divide | O::Modulo if lt.is_integer() && safe_divisor(&b.right) => None,
@@ -291,6 +278,32 @@ fn binary(b: &BinaryExpr, schema: &DFSchema) -> Option<String> {
         )),
         op => Some(format!("`{op}` on {lt} and {rt}")),
     }
+}
+
+/// Operators that compare or combine values without ever failing.
+fn always_safe(op: Operator) -> bool {
+    use Operator as O;
+    matches!(
+        op,
+        O::Eq
+            | O::NotEq
+            | O::Lt
+            | O::LtEq
+            | O::Gt
+            | O::GtEq
+            | O::IsDistinctFrom
+            | O::IsNotDistinctFrom
+            | O::And
+            | O::Or
+            | O::LikeMatch
+            | O::ILikeMatch
+            | O::NotLikeMatch
+            | O::NotILikeMatch
+            | O::StringConcat
+            | O::BitwiseAnd
+            | O::BitwiseOr
+            | O::BitwiseXor
+    )
 }
 
 #[cfg(test)]
@@ -326,6 +339,7 @@ mod tests {
             "TRY_CAST(s AS BIGINT) = 1",
             "i BETWEEN 1 AND 5 AND s IS NOT NULL",
             "sqrt(f) > 1",
+            "f > $1 AND s = $2",
         ] {
             assert_eq!(fallible(&parse(sql), &schema()), None, "{sql}");
         }
