@@ -430,13 +430,11 @@ async fn open(source: Source) -> DfResult<futures::stream::BoxStream<'static, Df
                 crate::ipc::check(&m, crate::ipc::MAX_DECOMPRESSED_MESSAGE).map_err(FlightError::ProtocolError)?;
                 Ok(m)
             });
-            let stream =
-                FlightRecordBatchStream::new_from_flight_data(data)
-                    .map_err(move |e| {
-                        external(Error::PeerUnavailable {
-                            message: format!("{node_id}: the part's stream failed: {e}"),
-                        })
-                    });
+            let stream = FlightRecordBatchStream::new_from_flight_data(data).map_err(move |e| {
+                external(Error::PeerUnavailable {
+                    message: format!("{node_id}: the part's stream failed: {e}"),
+                })
+            });
             Ok(stream.boxed())
         }
     }

@@ -127,7 +127,9 @@ const PARAMETERS_HINT: &str = "bind parameters as one Arrow record batch with on
 async fn read_parameters(input: PeekableFlightDataStream, max_bytes: usize) -> Result<RecordBatch> {
     let too_big = move |n: usize| {
         Error::invalid(
-            format!("the bound parameters are more than {n} bytes of Arrow data, over sql.max_statement_bytes = {max_bytes}"),
+            format!(
+                "the bound parameters reach {n} bytes of Arrow data, more than sql.max_statement_bytes = {max_bytes}"
+            ),
             "bind smaller values (the parameters travel in the statement handle)",
         )
     };
@@ -153,9 +155,15 @@ async fn read_parameters(input: PeekableFlightDataStream, max_bytes: usize) -> R
         let batch = next.map_err(|e| match e {
             FlightError::ExternalError(inner) => match inner.downcast::<Error>() {
                 Ok(ours) => *ours,
-                Err(other) => Error::invalid(format!("parameters are not a valid Arrow stream: {other}"), PARAMETERS_HINT),
+                Err(other) => Error::invalid(
+                    format!("parameters are not a valid Arrow stream: {other}"),
+                    PARAMETERS_HINT,
+                ),
             },
-            other => Error::invalid(format!("parameters are not a valid Arrow stream: {other}"), PARAMETERS_HINT),
+            other => Error::invalid(
+                format!("parameters are not a valid Arrow stream: {other}"),
+                PARAMETERS_HINT,
+            ),
         })?;
         rows = rows.saturating_add(batch.num_rows());
         if rows > 1 {

@@ -37,7 +37,11 @@ pub fn check(data: &FlightData, max_decompressed: u64) -> Result<(), String> {
         return Err("the message header names a batch but holds none".into());
     };
     let too_many_rows = |n: i64| !(0..=MAX_MESSAGE_ROWS).contains(&n);
-    if too_many_rows(batch.length()) || batch.nodes().is_some_and(|n| n.iter().any(|n| too_many_rows(n.length()))) {
+    if too_many_rows(batch.length())
+        || batch
+            .nodes()
+            .is_some_and(|n| n.iter().any(|n| too_many_rows(n.length())))
+    {
         return Err(format!(
             "a batch claims {} rows, more than the {MAX_MESSAGE_ROWS} one message may carry",
             batch.length()
@@ -130,7 +134,13 @@ mod tests {
         )
         .remove(0);
         let message = root_as_message(&lz4.data_header).unwrap();
-        let buffers: Vec<_> = message.header_as_record_batch().unwrap().buffers().unwrap().iter().collect();
+        let buffers: Vec<_> = message
+            .header_as_record_batch()
+            .unwrap()
+            .buffers()
+            .unwrap()
+            .iter()
+            .collect();
         let data = buffers.iter().find(|b| b.length() >= 8).unwrap();
         let mut body = lz4.data_body.to_vec();
         let at = data.offset() as usize;

@@ -111,9 +111,7 @@ pub fn depth(text: &str) -> Option<usize> {
     let mut stack: Vec<Group> = vec![Group::default()];
     let mut deepest = 0usize;
     for token in tokens {
-        let Some(top) = stack.last_mut() else {
-            return None;
-        };
+        let top = stack.last_mut()?;
         match token {
             Token::LParen | Token::LBracket | Token::LBrace => stack.push(Group::default()),
             Token::RParen | Token::RBracket | Token::RBrace => {
@@ -202,7 +200,10 @@ mod tests {
         let list = (0..3000).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
         let sql = format!("SELECT a + 1, b * 2, coalesce({list}) FROM t WHERE a IN ({list}) AND b > 1");
         assert!(depth(&sql).unwrap() < 10, "{}", depth(&sql).unwrap());
-        let cases = (0..500).map(|i| format!("WHEN a = {i} THEN {i}")).collect::<Vec<_>>().join(" ");
+        let cases = (0..500)
+            .map(|i| format!("WHEN a = {i} THEN {i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(check(&format!("SELECT CASE {cases} END FROM t"), "statement").is_ok());
     }
 

@@ -212,7 +212,9 @@ async fn bind_raw(
         prepared_statement_handle: created.prepared_statement_handle,
     };
     let mut messages = messages;
-    messages[0].flight_descriptor = Some(arrow_flight::FlightDescriptor::new_cmd(command.as_any().encode_to_vec()));
+    messages[0].flight_descriptor = Some(arrow_flight::FlightDescriptor::new_cmd(
+        command.as_any().encode_to_vec(),
+    ));
     client
         .do_put(futures::stream::iter(messages.into_iter().map(Ok)))
         .await?
@@ -238,7 +240,12 @@ fn lz4_parameters(values: Vec<f64>) -> Vec<arrow_flight::FlightData> {
         .unwrap();
     let schema_message: arrow_flight::FlightData = arrow_flight::SchemaAsIpc::new(&schema, &options).into();
     let (_, encoded) = IpcDataGenerator::default()
-        .encode(&batch, &mut DictionaryTracker::new(false), &options, &mut Default::default())
+        .encode(
+            &batch,
+            &mut DictionaryTracker::new(false),
+            &options,
+            &mut Default::default(),
+        )
         .unwrap();
     vec![schema_message, encoded.into()]
 }
@@ -266,9 +273,16 @@ async fn a_parameter_buffer_claiming_2_pow_45_bytes_is_refused_before_allocation
     body[at..at + 8].copy_from_slice(&(1i64 << 45).to_le_bytes());
     messages[1].data_body = body.into();
     let err = bind_raw(&gw, messages).await.unwrap_err();
-    assert_eq!(passerelle_tests::status_code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    assert_eq!(
+        passerelle_tests::status_code(&err),
+        Some(tonic::Code::InvalidArgument),
+        "{err}"
+    );
     let text = err.to_string();
-    assert!(text.contains("35184372088832") && text.contains("sql.max_statement_bytes"), "{text}");
+    assert!(
+        text.contains("35184372088832") && text.contains("sql.max_statement_bytes"),
+        "{text}"
+    );
     // Two rows: refused as soon as the second arrives.
     let err = bind_raw(&gw, lz4_parameters(vec![1.0, 2.0])).await.unwrap_err();
     assert!(err.to_string().contains("exactly one row"), "{err}");
@@ -276,11 +290,20 @@ async fn a_parameter_buffer_claiming_2_pow_45_bytes_is_refused_before_allocation
     let mut messages = lz4_parameters(vec![8.0]);
     messages[1].data_body = messages[1].data_body.slice(0..4);
     let err = bind_raw(&gw, messages).await.unwrap_err();
-    assert_eq!(passerelle_tests::status_code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    assert_eq!(
+        passerelle_tests::status_code(&err),
+        Some(tonic::Code::InvalidArgument),
+        "{err}"
+    );
     // The node still answers.
     let mut sql = passerelle_tests::sql::sql_client(&gw, &gw.key("trainer-de"), "research/ai-training")
         .await
         .unwrap();
-    assert!(!passerelle_tests::sql::query(&mut sql, "SELECT count(*) FROM demo_patients").await.unwrap().is_empty());
+    assert!(
+        !passerelle_tests::sql::query(&mut sql, "SELECT count(*) FROM demo_patients")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     gw.shutdown_and_wait().await.unwrap();
 }

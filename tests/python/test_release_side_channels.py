@@ -279,6 +279,15 @@ def test_infallible_where_and_group_by_still_work_on_aggregates(conn, world: Wor
     assert t.ok and len(t.rows) == 2 and all(r[1] >= MIN_GROUP for r in t.rows), t
 
 
+def test_prepared_statements_with_parameters_work_on_aggregates(gw: Gateway, world: World):
+    """Parameters are values: a prepared GROUP BY with `$1` in WHERE is planned, bound and answered."""
+    with adbc_connect(gw, key=world.key) as c:
+        cur = c.cursor()
+        cur.execute(f"SELECT diagnosis, count(*) AS n FROM {AGG} WHERE hba1c > $1 GROUP BY diagnosis", parameters=(7.0,))
+        t = cur.fetch_arrow_table()
+    assert t.num_rows > 0 and min(t.column("n").to_pylist()) >= MIN_GROUP
+
+
 def test_floor_results_are_unchanged_by_the_barrier(gw: Gateway, conn, world: World):
     """The floor still counts the released view, in SQL and over plain Flight with a filter."""
     rows = gw.reference.consented_rows(PURPOSE)

@@ -204,6 +204,8 @@ pub fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
         let why = match e {
             Expr::Column(_)
             | Expr::Literal(..)
+            | Expr::Placeholder(_)
+            | Expr::ScalarVariable(..)
             | Expr::Alias(_)
             | Expr::Not(_)
             | Expr::IsNull(_)
@@ -259,29 +261,14 @@ pub fn fallible(expr: &Expr, schema: &DFSchema) -> Option<String> {
 
 fn binary(b: &BinaryExpr, schema: &DFSchema) -> Option<String> {
     use Operator as O;
+    if always_safe(b.op) {
+        return None;
+    }
     let types = (b.left.get_type(schema), b.right.get_type(schema));
     let (Ok(lt), Ok(rt)) = types else {
         return Some(format!("`{}`", b.op));
     };
     match b.op {
-        O::Eq
-        | O::NotEq
-        | O::Lt
-        | O::LtEq
-        | O::Gt
-        | O::GtEq
-        | O::IsDistinctFrom
-        | O::IsNotDistinctFrom
-        | O::And
-        | O::Or
-        | O::LikeMatch
-        | O::ILikeMatch
-        | O::NotLikeMatch
-        | O::NotILikeMatch
-        | O::StringConcat
-        | O::BitwiseAnd
-        | O::BitwiseOr
-        | O::BitwiseXor => None,
         O::Plus | O::Minus | O::Multiply if is_int_or_float(&lt) && is_int_or_float(&rt) => None,
         O::Divide | O::Modulo if is_float(&lt) || is_float(&rt) => None,
         O::Divide | O::Modulo if lt.is_integer() && safe_divisor(&b.right) => None,
@@ -291,6 +278,32 @@ fn binary(b: &BinaryExpr, schema: &DFSchema) -> Option<String> {
         )),
         op => Some(format!("`{op}` on {lt} and {rt}")),
     }
+}
+
+/// Operators that compare or combine values without ever failing.
+fn always_safe(op: Operator) -> bool {
+    use Operator as O;
+    matches!(
+        op,
+        O::Eq
+            | O::NotEq
+            | O::Lt
+            | O::LtEq
+            | O::Gt
+            | O::GtEq
+            | O::IsDistinctFrom
+            | O::IsNotDistinctFrom
+            | O::And
+            | O::Or
+            | O::LikeMatch
+            | O::ILikeMatch
+            | O::NotLikeMatch
+            | O::NotILikeMatch
+            | O::StringConcat
+            | O::BitwiseAnd
+            | O::BitwiseOr
+            | O::BitwiseXor
+    )
 }
 
 #[cfg(test)]
@@ -326,6 +339,7 @@ mod tests {
             "TRY_CAST(s AS BIGINT) = 1",
             "i BETWEEN 1 AND 5 AND s IS NOT NULL",
             "sqrt(f) > 1",
+            "f > $1 AND s = $2",
         ] {
             assert_eq!(fallible(&parse(sql), &schema()), None, "{sql}");
         }
@@ -336,7 +350,10 @@ mod tests {
     #[test]
     fn fallible_expressions_are_named_without_their_literals() {
         for (sql, part) in [
-            ("1/(CASE WHEN s = 'secret' THEN 0 ELSE 1 END) = 1", "`/` on Int64 and Int64"),
+            (
+                "1/(CASE WHEN s = 'secret' THEN 0 ELSE 1 END) = 1",
+                "`/` on Int64 and Int64",
+            ),
             ("i / 0 = 1", "`/`"),
             ("i / -1 = 1", "`/`"),
             ("i % i = 0", "`%`"),
@@ -364,6 +381,9 @@ mod tests {
         assert!(infallible_cast(&T::Int64, &T::Utf8));
         assert!(!infallible_cast(&T::Utf8, &T::Int64));
         assert!(!infallible_cast(&T::Binary, &T::Utf8));
-        assert!(!infallible_cast(&T::Date32, &T::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None)));
+        assert!(!infallible_cast(
+            &T::Date32,
+            &T::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None)
+        ));
     }
 }
