@@ -216,7 +216,11 @@ mod tests {
         let other = Arc::new(NodeKey::load_or_create(&dir.path().join("b.key")).unwrap());
         assert!(TicketSigner::new(other, "node-a".into()).verify(&t, 0).is_err());
         // The same key under another node id: not ours.
-        assert!(TicketSigner::new(Arc::clone(&key), "node-b".into()).verify(&t, 0).is_err());
+        assert!(
+            TicketSigner::new(Arc::clone(&key), "node-b".into())
+                .verify(&t, 0)
+                .is_err()
+        );
         // The same claims signed without the ticket context (or as an assertion) are not a ticket.
         let body = t.split(|b| *b == b'.').next().unwrap().to_vec();
         let raw = URL_SAFE_NO_PAD.decode(&body).unwrap();
