@@ -511,7 +511,7 @@ const MAX_PENDING_PER_ADDRESS: usize = 64;
 #[derive(Default)]
 struct Pending {
     next: u64,
-    tasks: std::collections::BTreeMap<u64, (std::net::IpAddr, tokio::sync::oneshot::Sender<()>)>,
+    tasks: BTreeMap<u64, (std::net::IpAddr, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl Pending {

@@ -52,6 +52,10 @@ def admin(scratch_gateway: Gateway) -> dict[str, str]:
         "trainer-expired": gw.add_principal("trainer-expired", "expired-org", "NL", "trainer"),
         "trainer-rest": gw.add_principal("trainer-rest", "rest-org", "BE", "trainer"),
     }
+    # Principals added by the CLI reach the running server within its refresh interval: wait for them.
+    for key in keys.values():
+        poll_until(lambda key=key: http("GET", gw.url("/api/v1/datasets"), key=key).status == 200,
+                   what="the new principals are known to the server")
     return keys
 
 
