@@ -182,7 +182,7 @@ pub fn consent_csv(subjects: u64) -> String {
     out
 }
 
-fn manifest_toml(location: &str) -> String {
+pub(crate) fn manifest_toml(location: &str) -> String {
     format!(
         r#"name = "{DEMO_DATASET}"
 location = "{location}"

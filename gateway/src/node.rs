@@ -1019,9 +1019,10 @@ impl Node {
                 return Ok(Arc::clone(&c.table));
             }
         }
-        self.stores.prepare(&manifest.source())?;
+        let source = self.readable_source(manifest);
+        self.stores.prepare(&source)?;
         let ctx = crate::catalog::source_context(&self.stores)?;
-        let table = passerelle_connectors::open(&ctx.state(), &manifest.source()).await?;
+        let table = passerelle_connectors::open(&ctx.state(), &source).await?;
         let mut cache = self.raw_sources.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|_, c| c.meta_version == meta_version);
         cache.insert(
@@ -1033,6 +1034,29 @@ impl Node {
             },
         );
         Ok(table)
+    }
+
+    /// The dataset's source as it is read. Local files are read by their real path only (see
+    /// `passerelle_connectors::local`); a location stored by an earlier release may still name its
+    /// files through a link or `..`, so it is resolved here, once per opening, rather than failing.
+    fn readable_source(&self, manifest: &Manifest) -> passerelle_connectors::SourceSpec {
+        let mut source = manifest.source();
+        if let Ok(lexical) = CanonicalLocation::lexical(source.location.trim())
+            && lexical.scheme() == Scheme::File
+            && let Ok(real) = lexical.resolve()
+        {
+            let real = real.to_string();
+            if real != source.location {
+                tracing::warn!(
+                    dataset = %manifest.name,
+                    stored = %source.location,
+                    read = %real,
+                    "a location stored by an earlier release is read by its real path; re-register the dataset to store it"
+                );
+                source.location = real;
+            }
+        }
+        source
     }
 
     /// The keyed pseudonymiser for a recipient: organisation `org` of `member_state` (for a
@@ -1389,6 +1413,33 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_location_stored_through_a_link_by_an_earlier_release_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::open(&dir.path().join("data")).await.unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap().join("real");
+        crate::demo::write_parquet(&real.join("p.parquet"), 50).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let toml = crate::demo::manifest_toml(&format!("file://{}/link/", dir.path().display()));
+        let legacy = Manifest::from_toml(&toml).unwrap();
+        // Stored as an earlier release stored it: the text as given, not canonical.
+        node.meta.insert_dataset(&legacy).await.unwrap();
+        let source = node.readable_source(&legacy);
+        assert_eq!(source.location, format!("file://{}/", real.display()));
+        let table = node.open_source(&legacy, 1).await.unwrap();
+        let ctx = crate::catalog::source_context(&node.stores).unwrap();
+        let rows: usize = ctx
+            .read_table(table)
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(rows, 50);
+    }
 
     #[tokio::test]
     async fn rotation_changes_key_and_version_byte() {
