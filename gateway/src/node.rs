@@ -315,8 +315,12 @@ struct PseudonymKey {
 
 /// The first key version deriving recipients from `member_state/org`, if any.
 fn member_state_from(data_dir: &Path) -> Result<Option<u8>> {
-    let path = data_dir.join(MEMBER_STATE_FROM);
-    match std::fs::read_to_string(&path) {
+    read_key_version(&data_dir.join(MEMBER_STATE_FROM))
+}
+
+/// A key version (1-255) written in `path`; `None` if the file does not exist.
+fn read_key_version(path: &Path) -> Result<Option<u8>> {
+    match std::fs::read_to_string(path) {
         Ok(text) => text
             .trim()
             .parse::<u8>()
@@ -347,21 +351,7 @@ fn pseudonym_key_in_force(data_dir: &Path) -> Result<PseudonymKey> {
 
 /// The current pseudonym key version (1 until the first rotation).
 fn pseudonym_key_version(data_dir: &Path) -> Result<u8> {
-    let path = data_dir.join("pseudonym.version");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text
-            .trim()
-            .parse::<u8>()
-            .ok()
-            .filter(|v| *v >= 1)
-            .ok_or_else(|| Error::Internal(format!("`{}` does not hold a key version (1-255)", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(1),
-        Err(source) => Err(Error::Io {
-            op: "read",
-            path: path.display().to_string(),
-            source,
-        }),
-    }
+    Ok(read_key_version(&data_dir.join("pseudonym.version"))?.unwrap_or(1))
 }
 
 /// The pseudonym master key in force and its version. The key of version N lives in
