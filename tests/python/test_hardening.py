@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.flight as flight
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from conftest import (DATASET, PURPOSE, Gateway, assert_json_error, call_options, expect_status, http, path_descriptor,
@@ -103,7 +104,10 @@ def test_tickets_carry_verifiable_claims(gateway: Gateway, client):
     ticket = info.endpoints[0].ticket.ticket
     body_b64, sig_b64 = ticket.decode().split(".")
     body = b64url(body_b64)
-    public.verify(b64url(sig_b64), body)  # raises if the signature is not the node's
+    # Domain-separated (README "Tickets and keys"): the signature covers the ticket context, then the claims.
+    public.verify(b64url(sig_b64), b"passerelle-ticket-v1\n" + body)  # raises if the signature is not the node's
+    with pytest.raises(InvalidSignature):
+        public.verify(b64url(sig_b64), body)  # never over the bare claims, as earlier releases signed
     claims = json.loads(body)
     me = gateway.demo_principals["trainer-de"]
     assert claims["iss"] == keys["node_id"] and claims["kid"] == jwk["kid"], claims
