@@ -238,4 +238,18 @@ mod tests {
         let round = GatewayConfig::from_toml(&cfg.to_toml().unwrap()).unwrap();
         assert_eq!(round, cfg);
     }
+
+    #[test]
+    fn a_peer_names_a_member_state_code() {
+        let peer = |state: &str| {
+            format!(
+                "[peers.gw-fr]\nmember_state = \"{state}\"\nflight_url = \"grpc://127.0.0.1:1\"\nkey = \"U3Qhgxjj-EdImgGnhqpGOGwOMB9jlTvZahG6Efp5BSY\"\n"
+            )
+        };
+        GatewayConfig::from_toml(&peer("FR")).unwrap();
+        for bad in ["France", "fr", "", "F/R"] {
+            let e = GatewayConfig::from_toml(&peer(bad)).unwrap_err().to_string();
+            assert!(e.contains("member state"), "{bad}: {e}");
+        }
+    }
 }

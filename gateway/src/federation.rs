@@ -125,9 +125,20 @@ impl PeerOptions {
             })
     }
 
-    /// Checks the section (key format, URL scheme).
+    /// Checks the section (key format, member state, URL scheme).
     pub fn validate(&self, name: &str) -> Result<()> {
         self.public_key(name)?;
+        // A peer vouches for its member state only: it names whose pseudonyms and permits its
+        // principals get, so a malformed one is refused at start, not at the first pull.
+        if passerelle_policies::MemberState::parse(&self.member_state).is_err() {
+            return Err(Error::invalid(
+                format!(
+                    "peers.{name}.member_state `{}` is not a member state code",
+                    self.member_state
+                ),
+                "write the two-letter code, e.g. FR or DE",
+            ));
+        }
         if !(self.flight_url.starts_with("grpc://") || self.flight_url.starts_with("grpc+tls://")) {
             return Err(Error::invalid(
                 format!(

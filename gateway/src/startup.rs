@@ -73,7 +73,11 @@ impl Application {
         crate::data_dir::prepare(&data_dir)?;
         let serve_lock = crate::data_dir::ServeLock::acquire(&data_dir)?;
         let mut node = Node::open_with(&data_dir, cfg.policy.clone()).await?;
-        if let Some(n) = Arc::get_mut(&mut node) {
+        {
+            // Every setting applies or the start fails: a shared node would keep its defaults
+            // (API keys allowed, no locations) without a word.
+            let n = Arc::get_mut(&mut node)
+                .ok_or_else(|| Error::Internal("the node was shared before its configuration was applied".into()))?;
             n.ticket_ttl = Duration::from_secs(cfg.tickets.ttl_secs);
             n.sql = cfg.sql.clone();
             n.stores = passerelle_connectors::Stores::new(cfg.stores.clone());
