@@ -306,6 +306,9 @@ def narrow(scratch_gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -
         lines.insert(1, f'consent_registry = "{REGISTRY}"')
     manifest.write_text("\n".join(lines) + "\n")
     gw.cli("dataset", "register", "--manifest", str(manifest))
+    # The CLI's change reaches the running server within its refresh interval: wait until it has.
+    poll_until(lambda: http("GET", gw.url(f"/api/v1/datasets/{name}"), key=gw.keys["steward-fr"]).status == 200,
+               what="the server knows the dataset the CLI registered")
     return name
 
 
