@@ -60,6 +60,10 @@ class Site:
         self.steward_evil = gw.add_principal("steward-evil", "evilcorp", "DE", "steward")
         self.trainer_evil = gw.add_principal("trainer-evil", "evilcorp", "DE", "trainer")
         self.admin = gw.add_principal("admin-loc", "ops", "FR", "admin")
+        # Principals added by the CLI reach the running server within its refresh interval.
+        for key in (self.steward_evil, self.trainer_evil, self.admin):
+            poll_until(lambda key=key: http("GET", gw.url("/api/v1/datasets"), key=key).status == 200,
+                       what="the new principals are known to the server")
 
     def register(self, key: str, body: dict):
         return http("POST", self.gw.url("/api/v1/datasets"), key=key, body=body)
