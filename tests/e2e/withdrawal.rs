@@ -57,14 +57,17 @@ async fn withdrawal_reaches_an_open_stream() {
         tokio::time::sleep(std::time::Duration::from_millis(80)).await;
     }
     assert!(after.len() >= 20, "need a long stream, got {} batches", after.len());
-    let late: Vec<&(f64, usize)> = after.iter().filter(|(t, _)| *t > 1.0).collect();
+    // Batches already in the server's and HTTP/2's buffers drain at the reader's pace (~0.1 s
+    // each): a second and a half leaves room for one buffer's worth on a loaded 2-core machine
+    // (the same 1.5 s the client tests allow; at exactly 1 s this flaked at 1.04 s).
+    let late: Vec<&(f64, usize)> = after.iter().filter(|(t, _)| *t > 1.5).collect();
     assert!(
         late.len() >= 10,
         "need batches read well after the withdrawal: {after:?}"
     );
     assert!(
         late.iter().all(|(_, n)| *n == 0),
-        "withdrawn subjects in batches read over a second after the withdrawal: {after:?}"
+        "withdrawn subjects in batches read 1.5 s after the withdrawal: {after:?}"
     );
     let tail = &after[after.len() / 2..];
     assert!(
